@@ -1,0 +1,393 @@
+"""Pure renderers: an InferenceService in, the manifests of its children out.
+
+No I/O and no clock: the same InferenceService and settings always give the same
+dicts, which the operator server-side applies as they are. The runtime is
+configured through FORKLESS_* environment variables (the runtime reads each
+``--flag`` also from ``FORKLESS_<FLAG>``), so the container's command and env
+are exactly what one runs locally to reproduce a pod.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+from kubernetes.utils import parse_quantity
+
+from forkless_operator.settings import Settings, get_settings
+from forkless_operator.spec import API_VERSION, KIND, InferenceService
+
+HTTP_PORT = 8080
+SERVICE_PORT = 80
+MODEL_MOUNT_PATH = "/mnt/models"
+RUNTIME_CONTAINER = "runtime"
+# The runtime drains for this long after SIGTERM (--grace-period-s); Kubernetes must wait longer
+# before SIGKILL, or in-flight requests die with the pod.
+RUNTIME_GRACE_PERIOD_S = 30
+TERMINATION_GRACE_PERIOD_S = RUNTIME_GRACE_PERIOD_S + 15
+# Large models take minutes to load; the startup probe holds liveness off for up to 30 minutes.
+STARTUP_PROBE_PERIOD_S = 5
+STARTUP_PROBE_FAILURES = 360
+SHARED_MEMORY_PER_WORKER = 1 << 30  # 1Gi
+
+DOWNLOAD_SCRIPT = (
+    "import os, sys, urllib.request\n"
+    "url, dest = sys.argv[1], sys.argv[2]\n"
+    "urllib.request.urlretrieve(url, dest + '.part')\n"
+    "os.replace(dest + '.part', dest)\n"
+)
+
+
+def selector_labels(isvc: InferenceService) -> dict[str, str]:
+    """The Deployment's selector: immutable labels only, so it never has to change."""
+    return {
+        "app.kubernetes.io/name": "forkless-runtime",
+        "app.kubernetes.io/instance": isvc.metadata.name,
+    }
+
+
+def labels(isvc: InferenceService) -> dict[str, str]:
+    """Labels of every child and of the pods."""
+    return {
+        **selector_labels(isvc),
+        "app.kubernetes.io/component": "inference-server",
+        "app.kubernetes.io/part-of": "forkless",
+        "app.kubernetes.io/managed-by": "forkless-operator",
+    }
+
+
+def selector_string(isvc: InferenceService) -> str:
+    """The selector as the scale subresource wants it (status.selector)."""
+    return ",".join(f"{key}={value}" for key, value in selector_labels(isvc).items())
+
+
+def service_url(isvc: InferenceService, settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    return f"http://{isvc.metadata.name}.{isvc.metadata.namespace}.svc.{settings.cluster_domain}"
+
+
+def owner_reference(isvc: InferenceService) -> dict[str, Any]:
+    """Makes the InferenceService the controller of a child: deleting it deletes the child."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": isvc.metadata.name,
+        "uid": isvc.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(isvc: InferenceService) -> dict[str, Any]:
+    return {
+        "name": isvc.metadata.name,
+        "namespace": isvc.metadata.namespace,
+        "labels": labels(isvc),
+        "ownerReferences": [owner_reference(isvc)],
+    }
+
+
+def _number(value: float) -> str:
+    """An env value for a number: 5.0 -> "5", 0.45 -> "0.45"."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _quantity(value: str | int) -> str:
+    return str(value)
+
+
+def _bytes_quantity(size: Decimal) -> str:
+    """Bytes as a readable Quantity: 2Gi, 512Mi, or plain bytes."""
+    size = size.to_integral_value()
+    for suffix, factor in (("Gi", 1 << 30), ("Mi", 1 << 20)):
+        if size % factor == 0:
+            return f"{int(size // factor)}{suffix}"
+    return str(int(size))
+
+
+def shared_memory_size(isvc: InferenceService) -> str:
+    """sizeLimit of /dev/shm: as given, else 1Gi per worker, at most the memory request.
+
+    A memory-backed emptyDir counts against the container's memory limit, so the
+    default never exceeds it.
+    """
+    resources = isvc.spec.resources
+    if resources.shared_memory is not None:
+        return _quantity(resources.shared_memory)
+    size = Decimal(SHARED_MEMORY_PER_WORKER * isvc.spec.workers)
+    if resources.memory is not None:
+        size = min(size, parse_quantity(resources.memory))
+    return _bytes_quantity(size)
+
+
+def model_source(isvc: InferenceService) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """(uri the runtime loads, model volume or None, download init container or None).
+
+    The runtime loads local paths only: a PVC is mounted read-only, an http(s)
+    model is downloaded into an emptyDir by an init container.
+    """
+    uri = isvc.spec.model.uri
+    parts = urlsplit(uri)
+    if parts.scheme == "pvc":
+        claim, path = parts.netloc, parts.path.lstrip("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return f"file://{MODEL_MOUNT_PATH}/{path}", volume, None
+    if parts.scheme in ("http", "https"):
+        filename = posixpath.basename(parts.path.rstrip("/")) or "model"
+        destination = f"{MODEL_MOUNT_PATH}/{filename}"
+        volume = {"name": "model", "emptyDir": {}}
+        init = {
+            "name": "download-model",
+            "command": ["python", "-c", DOWNLOAD_SCRIPT, uri, destination],
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT_PATH}],
+        }
+        return f"file://{destination}", volume, init
+    return uri, None, None
+
+
+def runtime_env(isvc: InferenceService, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """The FORKLESS_* variables that configure ``forkless-runtime serve``, then the user's env."""
+    settings = settings or get_settings()
+    spec, runtime = isvc.spec, isvc.spec.runtime
+    uri, _, _ = model_source(isvc)
+    batching = runtime.batching
+    values: dict[str, str | None] = {
+        "FORKLESS_MODEL_NAME": isvc.model_name,
+        "FORKLESS_MODEL_URI": uri,
+        "FORKLESS_FORMAT": spec.model.format,
+        "FORKLESS_HANDLER": spec.model.handler,
+        "FORKLESS_WORKERS": str(spec.workers),
+        "FORKLESS_START_METHOD": runtime.start_method,
+        "FORKLESS_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
+        "FORKLESS_THREADS_PER_WORKER": _opt(runtime.threads_per_worker),
+        "FORKLESS_GPU_MEMORY_FRACTION": _opt(runtime.gpu_memory_fraction),
+        "FORKLESS_MAX_BATCH_SIZE": _opt(batching.max_batch_size if batching else None),
+        "FORKLESS_MAX_BATCH_DELAY_MS": _opt(batching.max_delay_ms if batching else None),
+        "FORKLESS_MAX_QUEUE": _opt(runtime.max_queue),
+        "FORKLESS_REQUEST_TIMEOUT_S": _opt(runtime.request_timeout_seconds),
+        "FORKLESS_GRACE_PERIOD_S": str(RUNTIME_GRACE_PERIOD_S),
+        "FORKLESS_HOST": "0.0.0.0",
+        "FORKLESS_PORT": str(HTTP_PORT),
+        "FORKLESS_LOG_FORMAT": settings.log_format,
+    }
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items() if v is not None]
+    env += [e.model_dump(by_alias=True, exclude_none=True) for e in runtime.env]
+    return env
+
+
+def _opt(value: float | None) -> str | None:
+    return None if value is None else _number(value)
+
+
+def _http_probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def tolerations(isvc: InferenceService, settings: Settings) -> list[dict[str, Any]]:
+    """The GPU taint's toleration when the pod asks for GPUs, the operator's defaults, then the user's."""
+    result: list[dict[str, Any]] = []
+    if isvc.spec.resources.gpus > 0:
+        result.append({"key": settings.gpu_taint_key, "operator": "Exists", "effect": "NoSchedule"})
+    result += [dict(t) for t in settings.default_tolerations]
+    if isvc.spec.scheduling:
+        result += [t for t in isvc.spec.scheduling.tolerations if t not in result]
+    return result
+
+
+def _container_resources(isvc: InferenceService, settings: Settings) -> dict[str, Any]:
+    spec = isvc.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.cpu is not None:
+        requests["cpu"] = _quantity(spec.cpu)  # no CPU limit: throttling would stall batches
+    if spec.memory is not None:
+        requests["memory"] = limits["memory"] = _quantity(spec.memory)
+    if spec.gpus > 0:
+        gpu = spec.gpu_resource_name or settings.gpu_resource_name
+        requests[gpu] = limits[gpu] = str(spec.gpus)
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def render_deployment(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any]:
+    """The Deployment of runtime pods; ``replicas`` is left out when an autoscaler owns it."""
+    settings = settings or get_settings()
+    spec = isvc.spec
+    image = spec.runtime.image or settings.runtime_image
+    _, model_volume, download = model_source(isvc)
+
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    # PyTorch multiprocessing moves tensors through /dev/shm; the container default of 64Mi breaks it.
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shared_memory_size(isvc)}}
+    ]
+    if model_volume is not None:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT_PATH, "readOnly": True})
+        volumes.append(model_volume)
+
+    container: dict[str, Any] = {
+        "name": RUNTIME_CONTAINER,
+        "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["forkless-runtime", "serve"],
+        "env": runtime_env(isvc, settings),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        # Ready only once every worker has loaded the model: the startup probe uses readiness.
+        "startupProbe": _http_probe("/v2/health/ready", STARTUP_PROBE_PERIOD_S, STARTUP_PROBE_FAILURES),
+        "readinessProbe": _http_probe("/v2/health/ready", 5, 3),
+        "livenessProbe": _http_probe("/v2/health/live", 10, 3),
+        "resources": _container_resources(isvc, settings),
+        "securityContext": _container_security_context(),
+        "volumeMounts": mounts,
+    }
+
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_PERIOD_S,
+        # Service links put variables of every Service in the namespace into the env; not wanted.
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.runtime_user,
+            "runAsGroup": settings.runtime_user,
+            "fsGroup": settings.runtime_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if download is not None:
+        pod_spec["initContainers"] = [
+            {
+                **download,
+                "image": image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "securityContext": _container_security_context(),
+            }
+        ]
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # the runtime never calls the API server
+    pod_tolerations = tolerations(isvc, settings)
+    if pod_tolerations:
+        pod_spec["tolerations"] = pod_tolerations
+    scheduling = spec.scheduling
+    if scheduling is not None:
+        if scheduling.node_selector:
+            pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+        if scheduling.affinity:
+            pod_spec["affinity"] = scheduling.affinity
+        if scheduling.priority_class_name:
+            pod_spec["priorityClassName"] = scheduling.priority_class_name
+        if scheduling.topology_spread_constraints:
+            pod_spec["topologySpreadConstraints"] = scheduling.topology_spread_constraints
+
+    deployment_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(isvc)},
+        "revisionHistoryLimit": 3,
+        "strategy": _strategy(isvc),
+        "template": {"metadata": {"labels": labels(isvc)}, "spec": pod_spec},
+    }
+    if spec.autoscaling is None:
+        deployment_spec = {"replicas": desired_replicas(isvc), **deployment_spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(isvc), "spec": deployment_spec}
+
+
+def desired_replicas(isvc: InferenceService) -> int:
+    """Replicas without an autoscaler: spec.replicas, 1 when omitted."""
+    return 1 if isvc.spec.replicas is None else isvc.spec.replicas
+
+
+def _strategy(isvc: InferenceService) -> dict[str, Any]:
+    """Roll CPU pods with a surge (no capacity lost); roll GPU pods in place.
+
+    A surge pod needs GPUs that a full node pool does not have, and would sit
+    Pending forever, stalling the rollout; so GPU rollouts replace one pod at a time.
+    """
+    if isvc.spec.resources.gpus > 0:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
+
+
+def render_service(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any]:
+    """A ClusterIP Service: port 80 to the runtime's http port."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(isvc),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(isvc),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_hpa(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any] | None:
+    """An autoscaling/v2 HorizontalPodAutoscaler on the Deployment, or None without spec.autoscaling."""
+    autoscaling = isvc.spec.autoscaling
+    if autoscaling is None:
+        return None
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(isvc),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
+            "minReplicas": autoscaling.min_replicas,
+            "maxReplicas": autoscaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": autoscaling.target_cpu_utilization},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_pdb(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any] | None:
+    """A PodDisruptionBudget allowing one pod down at a time, or None when there can be only one replica."""
+    autoscaling = isvc.spec.autoscaling
+    most = autoscaling.max_replicas if autoscaling else desired_replicas(isvc)
+    if most <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(isvc),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(isvc)}},
+    }
+
+
+# Children the operator may create, in apply order; optional ones are deleted when no longer rendered.
+CHILD_KINDS = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
+
+
+def render_children(isvc: InferenceService, settings: Settings | None = None) -> dict[str, dict[str, Any] | None]:
+    """Every child by kind; None marks a kind this InferenceService must not have."""
+    settings = settings or get_settings()
+    return {
+        "Deployment": render_deployment(isvc, settings),
+        "Service": render_service(isvc, settings),
+        "HorizontalPodAutoscaler": render_hpa(isvc, settings),
+        "PodDisruptionBudget": render_pdb(isvc, settings),
+    }

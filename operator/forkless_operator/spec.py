@@ -1,0 +1,568 @@
+"""The InferenceService API (serving.forkless.dev/v1alpha1) as pydantic models.
+
+These models are the single source of truth: ``forkless_operator.crd`` turns them
+into the structural CRD schema, and the operator parses every object it watches
+through them. Each CEL rule (``x-kubernetes-validations``) is declared next to the
+field it guards, together with the pydantic validator that enforces the same rule
+with the same message, so an object the API server rejects is rejected here too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
+
+GROUP = "serving.forkless.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SINGULAR = "inferenceservice"
+SHORT_NAMES = ("fisvc",)
+CATEGORIES = ("forkless",)
+
+# The runtime's formats and start methods (forkless-runtime serve --format / --start-method).
+MODEL_FORMATS = ("torchscript", "torch-export", "onnx", "python")
+START_METHODS = ("spawn", "forkserver")
+URI_SCHEMES = ("pvc://", "file://", "http://", "https://")
+
+# A Quantity as the API server accepts it (k8s.io/apimachinery resource.Quantity).
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# Names the operator gives to children (Deployment, Service, label values) must be DNS-1035 labels.
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[^/].*$"
+HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+# Floating-point slack for "fractions add up to at most 1" (0.1 * 10 must pass).
+FRACTION_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One CEL rule of the CRD and the Python check that mirrors it.
+
+    ``rule`` and ``message`` go into ``x-kubernetes-validations`` verbatim;
+    ``holds`` evaluates the same rule on the parsed pydantic value, so the model
+    and the API server reject the same objects with the same message.
+    """
+
+    rule: str
+    message: str
+    holds: Callable[[Any], bool]
+    field_path: str | None = None
+
+    def cel(self) -> JsonDict:
+        entry: JsonDict = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        return entry
+
+    def check(self, value: Any) -> None:
+        if not self.holds(value):
+            raise ValueError(self.message)
+
+
+def validations(*rules: Rule) -> JsonDict:
+    """The schema extra that declares ``rules`` on a field or a model."""
+    return {"x-kubernetes-validations": [rule.cel() for rule in rules]}
+
+
+def effective_workers(workers: int | None, gpus: int) -> int:
+    """Workers per replica: as given, else one per GPU, else one."""
+    return workers if workers is not None else max(gpus, 1)
+
+
+def workers_per_gpu(workers: int, gpus: int) -> int:
+    """Workers pinned round-robin to ``gpus`` devices: the busiest GPU holds ceil(workers / gpus)."""
+    return math.ceil(workers / gpus)
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are errors.
+
+    The API server prunes unknown fields and kubectl's strict field validation
+    reports them; forbidding them here keeps typos in examples and tests visible.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# --- spec.model -------------------------------------------------------------------------------
+
+URI_SCHEME_RULE = Rule(
+    rule="self.startsWith('pvc://') || self.startsWith('file://') || self.startsWith('http://') || self.startsWith('https://')",
+    message="uri must start with pvc://, file://, http:// or https://",
+    holds=lambda uri: uri.startswith(URI_SCHEMES),
+)
+PVC_URI_RULE = Rule(
+    rule=f"!self.startsWith('pvc://') || self.matches('{PVC_URI_PATTERN}')",
+    message="a pvc uri must be pvc://<claim>/<path>, with the claim name in lower case",
+    holds=lambda uri: not uri.startswith("pvc://") or _matches(PVC_URI_PATTERN, uri),
+)
+FILE_URI_RULE = Rule(
+    rule="!self.startsWith('file://') || self.startsWith('file:///')",
+    message="a file uri must be absolute: file:///<path>",
+    holds=lambda uri: not uri.startswith("file://") or uri.startswith("file:///"),
+)
+PYTHON_HANDLER_RULE = Rule(
+    rule="!has(self.format) || self.format != 'python' || has(self.handler)",
+    message="handler is required for format python: give the module:Class the workers import",
+    holds=lambda m: m.format != "python" or m.handler is not None,
+)
+
+
+def _matches(pattern: str, value: str) -> bool:
+    import re
+
+    return re.search(pattern, value) is not None
+
+
+class ModelSpec(_Model):
+    """Which model to serve and how to load it."""
+
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Served model name, as in /v2/models/{name}. Defaults to metadata.name.",
+    )
+    uri: str = Field(
+        ...,
+        min_length=1,
+        max_length=2048,
+        description=(
+            "Where the model lives: pvc://<claim>/<path> (the claim is mounted read-only), "
+            "file:///<path> (in the image or a user volume), or http(s)://... (downloaded by an "
+            "init container into an emptyDir)."
+        ),
+        json_schema_extra=validations(URI_SCHEME_RULE, PVC_URI_RULE, FILE_URI_RULE),
+    )
+    format: Literal["torchscript", "torch-export", "onnx", "python"] | None = Field(
+        None,
+        description="Model format; inferred by the runtime from the file extension when omitted.",
+    )
+    handler: str | None = Field(
+        None,
+        max_length=256,
+        pattern=HANDLER_PATTERN,
+        description="Import string module:Class of the handler the workers load; required for format python.",
+    )
+
+    model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE))
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_rules(cls, uri: str) -> str:
+        for rule in (URI_SCHEME_RULE, PVC_URI_RULE, FILE_URI_RULE):
+            rule.check(uri)
+        return uri
+
+    @model_validator(mode="after")
+    def _handler_rule(self) -> ModelSpec:
+        PYTHON_HANDLER_RULE.check(self)
+        return self
+
+
+# --- spec.runtime -----------------------------------------------------------------------------
+
+NO_FORK_RULE = Rule(
+    rule="self != 'fork'",
+    message=(
+        "startMethod fork is not supported: CUDA cannot be re-initialized in a forked child, "
+        "and OpenMP thread pools deadlock after fork; use spawn or forkserver"
+    ),
+    holds=lambda method: method != "fork",
+)
+START_METHOD_RULE = Rule(
+    rule="self in ['spawn', 'forkserver']",
+    message="startMethod must be spawn or forkserver",
+    holds=lambda method: method in START_METHODS,
+)
+WORKERS_RULE = Rule(
+    rule="self >= 1",
+    message="workers must be at least 1: each worker is one spawned process that loads the model",
+    holds=lambda workers: workers >= 1,
+)
+RESERVED_ENV_RULE = Rule(
+    rule="self.all(e, !e.name.startsWith('FORKLESS_'))",
+    message="env cannot set FORKLESS_* variables: the operator renders them from spec.runtime; set the matching field instead",
+    holds=lambda env: all(not e.name.startswith("FORKLESS_") for e in env),
+)
+
+
+class Batching(_Model):
+    """The runtime's deadline batcher."""
+
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Largest batch a worker receives (--max-batch-size)."
+    )
+    max_delay_ms: float | None = Field(
+        None,
+        ge=0,
+        le=60_000,
+        description="How long a request may wait for others to fill a batch, in milliseconds (--max-batch-delay-ms).",
+    )
+
+
+class EnvVar(_Model):
+    """A container environment variable (core/v1 EnvVar); valueFrom is passed through unchanged."""
+
+    name: str = Field(..., min_length=1, max_length=256, description="Name of the variable.")
+    value: str | None = Field(None, max_length=32_768, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        None,
+        description="Source of the value (core/v1 EnvVarSource): secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class RuntimeSpec(_Model):
+    """How the forkless runtime serves the model inside each replica."""
+
+    image: str | None = Field(
+        None, max_length=512, description="Runtime container image. Defaults to the operator's configured image."
+    )
+    workers: int | None = Field(
+        None,
+        le=256,
+        description="Worker processes per replica, each loading the model once. Defaults to one per GPU, else 1.",
+        json_schema_extra=validations(WORKERS_RULE),
+    )
+    start_method: str = Field(
+        "spawn",
+        max_length=16,
+        description=(
+            "How workers are started: spawn or forkserver. fork is rejected: CUDA cannot be "
+            "re-initialized in a forked child, and OpenMP thread pools deadlock after fork."
+        ),
+        json_schema_extra=validations(NO_FORK_RULE, START_METHOD_RULE),
+    )
+    threads_per_worker: int | None = Field(
+        None, ge=1, le=256, description="Intra-op CPU threads per worker (torch.set_num_threads). Defaults to the runtime's choice."
+    )
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Share of one GPU's memory each worker may allocate (0 < f <= 1), enforced in the worker. "
+            "Workers sharing a GPU must fit: gpuMemoryFraction * ceil(workers / gpus) <= 1."
+        ),
+    )
+    batching: Batching | None = Field(None, description="Dynamic batching of requests; off when omitted.")
+    max_queue: int | None = Field(
+        None, ge=1, le=1_000_000, description="Requests that may wait; beyond it the runtime answers 503 at once."
+    )
+    request_timeout_seconds: float | None = Field(
+        None, gt=0, le=3600, description="Deadline of one request, in seconds; late requests fail with 504."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra environment variables of the runtime container. FORKLESS_* names are reserved.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            **validations(RESERVED_ENV_RULE),
+        },
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_rule(cls, workers: int | None) -> int | None:
+        if workers is not None:
+            WORKERS_RULE.check(workers)
+        return workers
+
+    @field_validator("start_method")
+    @classmethod
+    def _start_method_rules(cls, method: str) -> str:
+        NO_FORK_RULE.check(method)
+        START_METHOD_RULE.check(method)
+        return method
+
+    @field_validator("env")
+    @classmethod
+    def _env_rules(cls, env: list[EnvVar]) -> list[EnvVar]:
+        RESERVED_ENV_RULE.check(env)
+        names = [e.name for e in env]
+        if len(names) != len(set(names)):
+            raise ValueError("env names must be unique")
+        return env
+
+
+# --- spec.resources, spec.autoscaling, spec.scheduling ----------------------------------------
+
+QUANTITY_SCHEMA: JsonDict = {
+    "x-kubernetes-int-or-string": True,
+    "anyOf": [{"type": "integer"}, {"type": "string"}],
+    "pattern": QUANTITY_PATTERN,
+}
+
+
+class ResourcesSpec(_Model):
+    """Compute resources of each replica."""
+
+    gpus: int = Field(
+        0, ge=0, le=16, description="GPUs per replica: the requests and limits of gpuResourceName."
+    )
+    gpu_resource_name: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Extended resource that counts GPUs, e.g. nvidia.com/mig-1g.10gb. Defaults to the operator's configuration (nvidia.com/gpu).",
+    )
+    cpu: str | int | None = Field(
+        None,
+        description="CPU request of the runtime container (a Quantity, e.g. 4 or 500m).",
+        json_schema_extra=QUANTITY_SCHEMA,
+    )
+    memory: str | int | None = Field(
+        None,
+        description="Memory request and limit of the runtime container (a Quantity, e.g. 16Gi).",
+        json_schema_extra=QUANTITY_SCHEMA,
+    )
+    shared_memory: str | int | None = Field(
+        None,
+        description=(
+            "Size limit of the memory-backed /dev/shm that moves tensors between the front-end and "
+            "the workers. Defaults to 1Gi per worker, at most the memory request."
+        ),
+        json_schema_extra=QUANTITY_SCHEMA,
+    )
+
+    @field_validator("cpu", "memory", "shared_memory")
+    @classmethod
+    def _quantity(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, str) and not _matches(QUANTITY_PATTERN, value):
+            raise ValueError(f"{value!r} is not a quantity, e.g. 4, 500m or 16Gi")
+        return value
+
+
+MIN_MAX_REPLICAS_RULE = Rule(
+    rule="self.minReplicas <= self.maxReplicas",
+    message="minReplicas must be less than or equal to maxReplicas",
+    holds=lambda a: a.min_replicas <= a.max_replicas,
+)
+
+
+class AutoscalingSpec(_Model):
+    """A HorizontalPodAutoscaler (autoscaling/v2) on the runtime Deployment."""
+
+    min_replicas: int = Field(1, ge=1, le=1000, description="Fewest replicas the autoscaler keeps.")
+    max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas the autoscaler creates.")
+    target_cpu_utilization: int = Field(
+        80,
+        ge=1,
+        le=100,
+        alias="targetCPUUtilization",
+        description="Average CPU utilization, in percent of the CPU request, that the autoscaler aims for.",
+    )
+
+    model_config = ConfigDict(json_schema_extra=validations(MIN_MAX_REPLICAS_RULE))
+
+    @model_validator(mode="after")
+    def _min_max(self) -> AutoscalingSpec:
+        MIN_MAX_REPLICAS_RULE.check(self)
+        return self
+
+
+OPAQUE_LIST: JsonDict = {"x-kubernetes-list-type": "atomic", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
+
+
+class SchedulingSpec(_Model):
+    """Where replicas may run; passed to the pod spec as given."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels a node must carry (pod spec nodeSelector).",
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra tolerations (core/v1 Toleration), added to the GPU toleration and the operator's defaults.",
+        json_schema_extra=OPAQUE_LIST,
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="Pod affinity and anti-affinity (core/v1 Affinity).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of the pods."
+    )
+    topology_spread_constraints: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="How replicas spread across zones or nodes (core/v1 TopologySpreadConstraint).",
+        json_schema_extra=OPAQUE_LIST,
+    )
+
+
+# --- spec ---------------------------------------------------------------------------------------
+
+REPLICAS_OR_AUTOSCALING_RULE = Rule(
+    rule="!(has(self.replicas) && has(self.autoscaling))",
+    message="replicas cannot be set together with autoscaling: the autoscaler owns the replica count; remove one of them",
+    holds=lambda s: s.replicas is None or s.autoscaling is None,
+)
+AUTOSCALING_NEEDS_CPU_RULE = Rule(
+    rule="!has(self.autoscaling) || has(self.resources.cpu)",
+    message="autoscaling requires resources.cpu: the autoscaler measures utilization against the CPU request",
+    holds=lambda s: s.autoscaling is None or s.resources.cpu is not None,
+)
+GPU_FRACTION_NEEDS_GPUS_RULE = Rule(
+    rule="!has(self.runtime.gpuMemoryFraction) || self.resources.gpus > 0",
+    message="runtime.gpuMemoryFraction cannot be set without resources.gpus: it caps each worker's share of a GPU",
+    holds=lambda s: s.runtime.gpu_memory_fraction is None or s.resources.gpus > 0,
+)
+GPU_FRACTION_FITS_RULE = Rule(
+    rule=(
+        "!has(self.runtime.gpuMemoryFraction) || self.resources.gpus == 0 || "
+        "self.runtime.gpuMemoryFraction * double(((has(self.runtime.workers) ? self.runtime.workers : self.resources.gpus)"
+        f" + self.resources.gpus - 1) / self.resources.gpus) <= {1 + FRACTION_EPSILON!r}"
+    ),
+    message=(
+        "runtime.gpuMemoryFraction times the workers sharing one GPU, ceil(workers / gpus), "
+        "must be at most 1: the workers would not fit in the GPU's memory"
+    ),
+    holds=lambda s: (
+        s.runtime.gpu_memory_fraction is None
+        or s.resources.gpus == 0
+        or s.runtime.gpu_memory_fraction
+        * workers_per_gpu(effective_workers(s.runtime.workers, s.resources.gpus), s.resources.gpus)
+        <= 1 + FRACTION_EPSILON
+    ),
+)
+
+
+class InferenceServiceSpec(_Model):
+    """The desired state of one served model."""
+
+    replicas: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Pod replicas; 1 when omitted. Cannot be combined with autoscaling. The scale subresource writes it.",
+    )
+    model: ModelSpec = Field(..., description="The model to serve.")
+    runtime: RuntimeSpec = Field(
+        default_factory=lambda: RuntimeSpec.model_validate({}),
+        description="Runtime settings: image, workers, start method, batching.",
+        json_schema_extra={"default": {}},
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=lambda: ResourcesSpec.model_validate({}),
+        description="GPUs, CPU and memory of each replica.",
+        json_schema_extra={"default": {}},
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale on CPU utilization with a HorizontalPodAutoscaler instead of a fixed replica count."
+    )
+    scheduling: SchedulingSpec | None = Field(None, description="Node selection, tolerations, affinity and spreading.")
+    service_account_name: str | None = Field(
+        None, max_length=253, description="ServiceAccount of the pods; the namespace's default when omitted."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            REPLICAS_OR_AUTOSCALING_RULE,
+            AUTOSCALING_NEEDS_CPU_RULE,
+            GPU_FRACTION_NEEDS_GPUS_RULE,
+            GPU_FRACTION_FITS_RULE,
+        )
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> InferenceServiceSpec:
+        for rule in (
+            REPLICAS_OR_AUTOSCALING_RULE,
+            AUTOSCALING_NEEDS_CPU_RULE,
+            GPU_FRACTION_NEEDS_GPUS_RULE,
+            GPU_FRACTION_FITS_RULE,
+        ):
+            rule.check(self)
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Worker processes per replica after defaulting."""
+        return effective_workers(self.runtime.workers, self.resources.gpus)
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    """One observation of the InferenceService's state (metav1.Condition)."""
+
+    type: str = Field(..., max_length=316, pattern=r"^[A-Za-z][A-Za-z0-9]*$", description="Ready or Reconciled.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(
+        ..., min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason of the last transition.",
+    )
+    message: str = Field("", max_length=32_768, description="Human-readable details.")
+    last_transition_time: str = Field(
+        ..., description="When status last changed.", json_schema_extra={"format": "date-time"}
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation this condition was computed for."
+    )
+
+
+class InferenceServiceStatus(_Model):
+    """The observed state, computed by the operator and written through /status."""
+
+    observed_generation: int | None = Field(None, description="The metadata.generation last reconciled.")
+    url: str | None = Field(None, description="In-cluster URL of the service.")
+    replicas: int | None = Field(None, description="Pods of the Deployment (for the scale subresource).")
+    ready_replicas: int | None = Field(None, description="Pods ready to serve.")
+    replica_summary: str | None = Field(None, description="ready/desired replicas, for display.")
+    selector: str | None = Field(None, description="Label selector of the pods (for the scale subresource).")
+    gpus: int | None = Field(None, description="GPUs requested by all replicas together.")
+    workers: int | None = Field(None, description="Worker processes per replica.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ready (the updated replicas are available) and Reconciled (children applied for this generation).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+# --- the object the operator handles ------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class InferenceService(BaseModel):
+    """An InferenceService as the operator sees it: metadata plus the typed spec."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    api_version: str = Field(API_VERSION, alias="apiVersion")
+    kind: str = KIND
+    metadata: ObjectMeta
+    spec: InferenceServiceSpec
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.model.name or self.metadata.name

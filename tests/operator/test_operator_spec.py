@@ -1,0 +1,117 @@
+"""The pydantic models reject what the CRD's CEL rules reject, with the same messages."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from forkless_operator import spec
+from forkless_operator.spec import InferenceService, InferenceServiceSpec
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+# Each invalid example violates exactly one rule; the API server and the model must say the same.
+INVALID_EXAMPLES = {
+    "fork.yaml": spec.NO_FORK_RULE.message,
+    "min-above-max.yaml": spec.MIN_MAX_REPLICAS_RULE.message,
+    "bad-scheme.yaml": spec.URI_SCHEME_RULE.message,
+    "memory-overcommit.yaml": spec.GPU_FRACTION_FITS_RULE.message,
+    "python-without-handler.yaml": spec.PYTHON_HANDLER_RULE.message,
+    "zero-workers.yaml": spec.WORKERS_RULE.message,
+}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def errors_of(body: dict[str, Any]) -> list[str]:
+    try:
+        InferenceServiceSpec.model_validate(body)
+    except ValidationError as error:
+        return [e["msg"].removeprefix("Value error, ") for e in error.errors()]
+    return []
+
+
+def minimal(**overrides: Any) -> dict[str, Any]:
+    return {"model": {"uri": "file:///models/m.pt"}, **overrides}
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(path: Path) -> None:
+    isvc = InferenceService.model_validate(load(path))
+    assert isvc.metadata.name == path.stem
+
+
+def test_every_invalid_example_is_listed() -> None:
+    assert {p.name for p in (EXAMPLES / "invalid").glob("*.yaml")} == set(INVALID_EXAMPLES)
+
+
+@pytest.mark.parametrize(("name", "message"), sorted(INVALID_EXAMPLES.items()))
+def test_invalid_examples_fail_with_the_rule_message(name: str, message: str) -> None:
+    assert errors_of(load(EXAMPLES / "invalid" / name)["spec"]) == [message]
+
+
+def test_fork_message_says_why() -> None:
+    (message,) = errors_of(minimal(runtime={"startMethod": "fork"}))
+    assert "CUDA cannot be re-initialized in a forked child" in message
+    assert "OpenMP thread pools deadlock after fork" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (minimal(runtime={"startMethod": "threads"}), spec.START_METHOD_RULE.message),
+        (minimal(model={"uri": "pvc://Models/m.pt"}), spec.PVC_URI_RULE.message),
+        (minimal(model={"uri": "pvc://models"}), spec.PVC_URI_RULE.message),
+        (minimal(model={"uri": "file://relative/m.pt"}), spec.FILE_URI_RULE.message),
+        (minimal(replicas=2, autoscaling={"maxReplicas": 3}, resources={"cpu": 1}),
+         spec.REPLICAS_OR_AUTOSCALING_RULE.message),
+        (minimal(autoscaling={"maxReplicas": 3}), spec.AUTOSCALING_NEEDS_CPU_RULE.message),
+        (minimal(runtime={"gpuMemoryFraction": 0.5}), spec.GPU_FRACTION_NEEDS_GPUS_RULE.message),
+        (minimal(runtime={"env": [{"name": "FORKLESS_WORKERS", "value": "9"}]}), spec.RESERVED_ENV_RULE.message),
+    ],
+)
+def test_cross_field_rules(body: dict[str, Any], message: str) -> None:
+    assert errors_of(body) == [message]
+
+
+def test_unknown_fields_are_errors() -> None:
+    assert errors_of(minimal(runtime={"wokers": 2}))
+
+
+def test_defaults() -> None:
+    parsed = InferenceServiceSpec.model_validate(minimal())
+    assert parsed.replicas is None
+    assert parsed.runtime.start_method == "spawn"
+    assert parsed.resources.gpus == 0
+    assert parsed.workers == 1
+    assert InferenceServiceSpec.model_validate(minimal(resources={"gpus": 3})).workers == 3
+
+
+def test_model_name_defaults_to_metadata_name() -> None:
+    body = {"metadata": {"name": "svc"}, "spec": minimal()}
+    assert InferenceService.model_validate(body).model_name == "svc"
+
+
+@given(
+    gpus=st.integers(min_value=1, max_value=16),
+    workers=st.one_of(st.none(), st.integers(min_value=1, max_value=256)),
+    fraction=st.floats(min_value=0.01, max_value=1.0),
+)
+def test_gpu_memory_fraction_rule_is_ceil_of_workers_per_gpu(gpus: int, workers: int | None, fraction: float) -> None:
+    runtime: dict[str, Any] = {"gpuMemoryFraction": fraction}
+    if workers is not None:
+        runtime["workers"] = workers
+    effective = gpus if workers is None else workers
+    fits = fraction * math.ceil(effective / gpus) <= 1 + spec.FRACTION_EPSILON
+    # The CEL rule computes ceil with integer division: (w + g - 1) / g.
+    assert (effective + gpus - 1) // gpus == math.ceil(effective / gpus)
+    assert (errors_of(minimal(runtime=runtime, resources={"gpus": gpus})) == []) == fits
