@@ -1,0 +1,12 @@
+//go:build tools
+
+// Package tools names the commands hack/tools.sh builds from this module, so
+// that `go mod tidy` keeps every dependency (and go.sum entry) they need.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
