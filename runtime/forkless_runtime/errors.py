@@ -1,0 +1,36 @@
+"""Errors the front-end answers with, each carrying its HTTP status."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    status = 500
+    retry_after: int | None = None
+
+
+class QueueFull(ServingError):
+    status = 503
+    retry_after = 1
+
+
+class Draining(ServingError):
+    status = 503
+    retry_after = 1
+
+
+class NotReady(ServingError):
+    status = 503
+    retry_after = 1
+
+
+class WorkerDied(ServingError):
+    status = 503
+    retry_after = 1
+
+
+class RequestTimeout(ServingError):
+    status = 504
+
+
+class ModelError(ServingError):
+    status = 500

@@ -1,0 +1,363 @@
+"""The worker pool: spawns model workers, dispatches batches least-loaded first, heals crashes.
+
+Runs inside the front-end's event loop and never imports torch. Each worker is a process
+started with `spawn` or `forkserver` and a socket pair; a dead worker's in-flight requests are
+retried once on another worker (inference is idempotent) or answered 503, never left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import socket
+import struct
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..batching.batcher import Batcher, Request, concatenate
+from ..errors import ModelError, WorkerDied
+from ..frontend.metrics import Metrics
+from ..protocol.tensors import NamedTensor
+from ..settings import Settings
+from ..worker.main import WorkerSpec
+from ..worker.main import run as worker_entry
+from .channel import ShmRing, decode_frame, encode_frame, pack_tensors, unpack_tensors
+from .resources import default_threads, visible_gpus
+
+log = logging.getLogger("forkless.pool")
+
+_SIZE = struct.Struct("!i")  # multiprocessing.Connection's frame prefix
+RING_BYTES = 64 * 1024 * 1024
+MAX_BACKOFF_S = 30.0
+
+
+class _Channel(asyncio.Protocol):
+    """Reads length-prefixed frames from a worker's socket and hands them to the pool."""
+
+    def __init__(self, on_frame: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+        self._buffer = bytearray()
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        end = len(buffer)
+        while end - start >= 4:
+            (size,) = _SIZE.unpack_from(buffer, start)
+            if end - start - 4 < size:
+                break
+            frame = bytes(buffer[start + 4 : start + 4 + size])
+            start += 4 + size
+            self._on_frame(frame)
+        if start:
+            del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+    def send(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(_SIZE.pack(len(frame)) + frame)
+
+
+class _Batch:
+    __slots__ = ("allocations", "id", "requests", "sent", "size")
+
+    def __init__(self, batch_id: int, requests: list[Request], allocations: list[int], size: int) -> None:
+        self.id = batch_id
+        self.requests = requests
+        self.allocations = allocations
+        self.size = size
+        self.sent = time.perf_counter()
+
+
+class Worker:
+    """The front-end's handle on one worker slot; the process behind it is replaced when it dies."""
+
+    def __init__(self, slot: int, spec: WorkerSpec, ring: ShmRing | None) -> None:
+        self.slot = slot
+        self.spec = spec
+        self.ring = ring
+        self.process: Any = None
+        self.channel: _Channel | None = None
+        self.ready = False
+        self.stopping = False
+        self.inflight: dict[int, _Batch] = {}
+        self.last_used = 0.0
+        self.load_failures = 0
+        self.crashes = 0
+        self.last_error: str | None = None
+        self.gpu_memory: int | None = None
+        self.pid: int | None = None
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, batcher: Batcher, metrics: Metrics,
+                 on_fatal: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.batcher = batcher
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.context = multiprocessing.get_context(settings.start_method)
+        self.metadata: dict[str, Any] | None = None
+        self.workers: list[Worker] = []
+        self._next_batch = 0
+        self._stopping = False
+        self._restarts: set[asyncio.Task] = set()
+        batcher.dispatcher = self
+
+    # --- layout: which GPU and how many threads each worker gets -------------------------
+    def plan(self) -> list[WorkerSpec]:
+        settings = self.settings
+        gpus = visible_gpus() if settings.device in ("auto", "cuda") else []
+        if settings.device == "cuda" and not gpus:
+            raise RuntimeError("--device cuda was given but no GPU is visible (CUDA_VISIBLE_DEVICES, /proc/driver/nvidia)")
+        device = "cuda" if gpus else "cpu"
+        count = settings.workers or max(1, len(gpus))
+        threads = settings.threads_per_worker or default_threads(count)
+        specs = []
+        for slot in range(count):
+            specs.append(WorkerSpec(
+                worker_id=slot,
+                format=settings.resolved_format,
+                model_path=settings.model_path,
+                handler=settings.handler,
+                device=device,
+                gpu=gpus[slot % len(gpus)] if gpus else None,
+                threads=threads,
+                gpu_memory_fraction=settings.gpu_memory_fraction if gpus else None,
+                ring_name=None,
+                ring_size=RING_BYTES,
+                log_format=settings.log_format,
+                log_level=settings.log_level,
+            ))
+        return specs
+
+    async def start(self) -> None:
+        for spec in self.plan():
+            ring = None
+            try:
+                ring = ShmRing(RING_BYTES)
+            except OSError as exc:  # a tiny /dev/shm: tensors ride in the socket instead
+                log.warning("shared memory unavailable (%s); tensors will be copied through the worker socket", exc)
+            spec = WorkerSpec(**{**spec.as_dict(), "ring_name": ring.name if ring else None})
+            self.workers.append(Worker(spec.worker_id, spec, ring))
+        first = self.workers[0].spec
+        log.info("starting %d worker(s) with %s: device %s, %d thread(s) each%s", len(self.workers),
+                 self.settings.start_method, first.device, first.threads,
+                 f", GPUs {[w.spec.gpu for w in self.workers]}" if first.gpu is not None else "")
+        await asyncio.gather(*(self._launch(worker) for worker in self.workers))
+
+    async def _launch(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        parent_sock, child_sock = socket.socketpair()
+        child_conn = Connection(child_sock.detach())
+        process = self.context.Process(target=worker_entry, args=(worker.spec.as_dict(), child_conn),
+                                       name=f"forkless-worker-{worker.slot}", daemon=True)
+        await loop.run_in_executor(None, process.start)
+        child_conn.close()  # only the child holds its end now: its death reads as EOF here
+        worker.process = process
+        worker.pid = process.pid
+        worker.ready = False
+        worker.stopping = False
+        channel = _Channel(lambda frame: self._on_frame(worker, frame), lambda: self._on_lost(worker, channel))
+        await loop.create_unix_connection(lambda: channel, sock=parent_sock)
+        worker.channel = channel
+
+    # --- the Dispatcher interface the batcher drives --------------------------------------
+    def idle_worker(self) -> Worker | None:
+        best: Worker | None = None
+        for worker in self.workers:
+            if worker.ready and not worker.inflight and (best is None or worker.last_used < best.last_used):
+                best = worker
+        return best
+
+    def busy(self) -> bool:
+        return any(worker.inflight for worker in self.workers)
+
+    def send(self, worker: object, requests: list[Request]) -> None:
+        assert isinstance(worker, Worker) and worker.channel is not None
+        self._next_batch += 1
+        batch_id = self._next_batch
+        if worker.ring is not None and not worker.inflight:
+            worker.ring.reset()
+        try:
+            descriptions, payload, allocations = pack_tensors(concatenate(requests), worker.ring)
+        except Exception as exc:  # inputs that cannot be joined: fail these requests, keep serving
+            for request in requests:
+                self._finish(request, exception=ModelError(f"cannot batch the inputs: {exc}"))
+            return
+        size = sum(r.size for r in requests)
+        batch = _Batch(batch_id, requests, allocations, size)
+        worker.inflight[batch_id] = batch
+        worker.last_used = batch.sent
+        now = batch.sent
+        for request in requests:
+            self.metrics.queue_seconds.observe(now - request.enqueued)
+        self.metrics.batch_size.observe(size)
+        worker.channel.send(encode_frame({"t": "infer", "id": batch_id, "inputs": descriptions}, payload))
+
+    # --- frames from workers -----------------------------------------------------------------
+    def _on_frame(self, worker: Worker, frame: bytes) -> None:
+        header, inline = decode_frame(frame)
+        kind = header["t"]
+        if kind in ("ok", "err"):
+            batch = worker.inflight.pop(header["id"], None)
+            if worker.ring is not None and batch is not None:
+                for offset in batch.allocations:
+                    worker.ring.release(offset)
+            if header.get("gpu_mem") is not None:
+                worker.gpu_memory = header["gpu_mem"]
+            if batch is not None:
+                self.metrics.inference_seconds.observe(time.perf_counter() - batch.sent)
+                if kind == "ok":
+                    worker.crashes = 0
+                    self._resolve(batch, unpack_tensors(header["outputs"], inline, None))
+                else:
+                    for request in batch.requests:
+                        self._finish(request, exception=ModelError(header["error"]))
+            self.batcher.pump()
+        elif kind == "ready":
+            worker.ready = True
+            worker.load_failures = 0
+            worker.last_error = None
+            worker.gpu_memory = header.get("gpu_mem")
+            if self.metadata is None:
+                self.metadata = header["meta"]
+            log.info("worker %d ready (pid %s)", worker.slot, header.get("pid"))
+            self.batcher.pump()
+        elif kind == "load_error":
+            worker.last_error = header["error"]
+            worker.load_failures += 1
+
+    def _resolve(self, batch: _Batch, outputs: list[NamedTensor]) -> None:
+        requests = batch.requests
+        if len(requests) == 1:
+            self._finish(requests[0], result=outputs)
+            return
+        for tensor in outputs:
+            if tensor.array.ndim == 0 or tensor.array.shape[0] != batch.size:
+                error = ModelError(
+                    f"output {tensor.name!r} has first dimension {tensor.array.shape[:1]} for a batch of "
+                    f"{batch.size}: a batched model must return one row per input row"
+                )
+                for request in requests:
+                    self._finish(request, exception=error)
+                return
+        offset = 0
+        for request in requests:
+            end = offset + request.size
+            self._finish(request, result=[NamedTensor(t.name, t.array[offset:end]) for t in outputs])
+            offset = end
+
+    @staticmethod
+    def _finish(request: Request, result: Any = None, exception: Exception | None = None) -> None:
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.future.done():
+            return
+        if exception is not None:
+            request.future.set_exception(exception)
+        else:
+            request.future.set_result(result)
+
+    # --- death, restart, back-off -------------------------------------------------------------
+    def _on_lost(self, worker: Worker, channel: _Channel) -> None:
+        if worker.channel is not channel:
+            return
+        worker.channel = None
+        was_ready = worker.ready
+        worker.ready = False
+        orphans: list[Request] = []
+        for batch in worker.inflight.values():
+            for request in batch.requests:
+                if request.future.done():
+                    continue
+                if request.retried:
+                    self._finish(request, exception=WorkerDied(
+                        f"worker {worker.slot} died while running this request, twice; not retrying again"))
+                else:
+                    request.retried = True
+                    orphans.append(request)
+        worker.inflight.clear()
+        if worker.ring is not None:
+            worker.ring.reset()
+        if self._stopping or worker.stopping:
+            return
+        if orphans:
+            self.metrics.retried_requests += len(orphans)
+            self.batcher.requeue(orphans)
+        if not was_ready and worker.last_error is None:  # died before it could even report
+            worker.load_failures += 1
+            worker.last_error = "the worker process died while loading the model (see its log above)"
+        if was_ready:
+            worker.crashes += 1
+            log.error("worker %d (pid %s) died%s; restarting", worker.slot, worker.pid,
+                      f", {len(orphans)} request(s) retried" if orphans else "")
+        else:
+            log.error("worker %d failed to load the model (attempt %d of %d): %s", worker.slot,
+                      worker.load_failures, self.settings.max_load_attempts, worker.last_error)
+            if worker.load_failures >= self.settings.max_load_attempts and not self.ready_count():
+                self.on_fatal(f"the model cannot be loaded: {worker.last_error}")
+                return
+        task = asyncio.get_running_loop().create_task(self._restart(worker))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, worker: Worker) -> None:
+        attempts = max(worker.crashes, worker.load_failures)
+        delay = min(MAX_BACKOFF_S, 0.25 * 2 ** max(0, attempts - 1))
+        process = worker.process
+        if process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, process.join, 5)
+            if process.is_alive():
+                process.kill()
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        self.metrics.worker_restarts += 1
+        await self._launch(worker)
+
+    # --- state and shutdown -----------------------------------------------------------------------
+    def ready_count(self) -> int:
+        return sum(1 for worker in self.workers if worker.ready)
+
+    def inflight_count(self) -> int:
+        return sum(len(batch.requests) for worker in self.workers for batch in worker.inflight.values())
+
+    def gpu_memory(self) -> dict[int, int]:
+        return {w.slot: w.gpu_memory for w in self.workers if w.gpu_memory is not None}
+
+    async def stop(self) -> None:
+        """Stop every worker: ask politely, then kill; leave no process and no shared memory behind."""
+        self._stopping = True
+        for task in list(self._restarts):
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            worker.stopping = True
+            if worker.channel is not None and worker.channel.transport is not None:
+                try:
+                    worker.channel.send(encode_frame({"t": "stop"}))
+                    worker.channel.transport.close()
+                except (OSError, RuntimeError):
+                    pass
+        for worker in self.workers:
+            process = worker.process
+            if process is not None:
+                await loop.run_in_executor(None, process.join, 5)
+                if process.is_alive():
+                    log.warning("worker %d did not stop; killing it", worker.slot)
+                    process.kill()
+                    await loop.run_in_executor(None, process.join, 5)
+            if worker.ring is not None:
+                worker.ring.close()

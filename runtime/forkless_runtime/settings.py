@@ -1,0 +1,205 @@
+"""One settings object per process: CLI flags = FORKLESS_* environment = what the operator renders.
+
+The table `FLAGS` is the single source of truth: the argument parser, the environment lookup
+and the documentation are all generated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "FORKLESS_"
+
+FORK_REFUSAL = (
+    "start method 'fork' is refused: a forked worker cannot re-initialize CUDA "
+    "(RuntimeError: Cannot re-initialize CUDA in forked subprocess) and on CPU it deadlocks in the "
+    "OpenMP thread pool the parent already started; use 'spawn' (default) or 'forkserver'"
+)
+
+MODEL_FORMATS = ("torchscript", "torch-export", "onnx", "python")
+EXTENSION_FORMATS = {".pt": "torchscript", ".ts": "torchscript", ".pt2": "torch-export", ".onnx": "onnx"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the front-end and the workers need, as plain data that crosses process boundaries."""
+
+    model_name: str
+    model_uri: str = ""
+    format: str | None = None
+    handler: str | None = None
+    workers: int | None = None
+    start_method: str = "spawn"
+    device: str = "auto"
+    threads_per_worker: int | None = None
+    gpu_memory_fraction: float | None = None
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 1024
+    request_timeout_s: float = 60.0
+    grace_period_s: float = 30.0
+    max_body_mb: float = 64.0
+    max_load_attempts: int = 3
+    host: str = "0.0.0.0"
+    port: int = 8080
+    log_format: str = "text"
+    log_level: str = "info"
+    access_log: bool = False
+
+    @property
+    def model_path(self) -> str:
+        """The local file the URI names (`file://` or a plain path)."""
+        uri = self.model_uri
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        if self.handler:
+            return "python"
+        ext = os.path.splitext(self.model_path)[1].lower()
+        if ext in EXTENSION_FORMATS:
+            return EXTENSION_FORMATS[ext]
+        raise ValueError(
+            f"cannot infer the model format from {self.model_uri!r}: give --format "
+            f"({', '.join(MODEL_FORMATS)}) or use one of the extensions {', '.join(EXTENSION_FORMATS)}"
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _start_method(text: str) -> str:
+    if text == "fork":
+        raise argparse.ArgumentTypeError(FORK_REFUSAL)
+    if text not in ("spawn", "forkserver"):
+        raise argparse.ArgumentTypeError(f"must be 'spawn' or 'forkserver', got {text!r}")
+    return text
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+    required: bool = False
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("model_name", str, "name the model is served under", required=True),
+    Flag("model_uri", str, "model file: a path or file:// URI", required=False),
+    Flag("format", _choice(*MODEL_FORMATS), "model format (inferred from the extension when not given)"),
+    Flag("handler", str, "module:Class with load() and predict(inputs), imported only in the workers"),
+    Flag("workers", _positive_int, "model worker processes (default: one per visible GPU, else 1)"),
+    Flag("start_method", _start_method, "how workers start: spawn (default) or forkserver; fork is refused"),
+    Flag("device", _choice("auto", "cpu", "cuda"), "auto picks cuda when a GPU is visible"),
+    Flag("threads_per_worker", _positive_int, "torch/OpenMP/MKL threads per worker (default: usable CPUs / workers)"),
+    Flag("gpu_memory_fraction", _fraction, "cap each worker's share of its GPU's memory, 0 < F <= 1"),
+    Flag("max_batch_size", _positive_int, "largest batch the dynamic batcher forms (1 turns batching off)"),
+    Flag("max_batch_delay_ms", _non_negative_float, "longest a request waits for a batch to fill while workers are busy"),
+    Flag("max_queue", _positive_int, "queued requests beyond which new ones get 503 + Retry-After"),
+    Flag("request_timeout_s", _non_negative_float, "a request not answered by then gets 504"),
+    Flag("grace_period_s", _non_negative_float, "on SIGTERM, how long in-flight requests may finish"),
+    Flag("max_body_mb", _non_negative_float, "largest request body accepted (413 beyond)"),
+    Flag("max_load_attempts", _positive_int, "consecutive failed model loads before the server exits non-zero"),
+    Flag("host", str, "address to listen on"),
+    Flag("port", int, "port to listen on"),
+    Flag("log_format", _choice("text", "json"), "text or json logs"),
+    Flag("log_level", _choice("debug", "info", "warning", "error"), "log level"),
+    Flag("access_log", _bool, "log every request (off by default: it costs throughput)"),
+)
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add every flag; each defaults to its FORKLESS_* variable, then to the Settings default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    for flag in FLAGS:
+        env = env_name(flag.field)
+        default = defaults.get(flag.field)
+        help_text = f"{flag.help} [env {env}]"
+        parser.add_argument(
+            flag_name(flag.field),
+            dest=flag.field,
+            type=flag.parse,
+            default=None,
+            help=help_text + (f" (default {default})" if default not in (None, "", dataclasses.MISSING) else ""),
+        )
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """Flags win over the environment, the environment over defaults; bad values exit with usage."""
+    values: dict[str, Any] = {}
+    for flag in FLAGS:
+        value = getattr(args, flag.field, None)
+        if value is None and env_name(flag.field) in os.environ:
+            raw = os.environ[env_name(flag.field)]
+            try:
+                value = flag.parse(raw)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                parser.error(f"{env_name(flag.field)}={raw!r}: {exc}")
+        if value is not None:
+            values[flag.field] = value
+        elif flag.required:
+            parser.error(f"{flag_name(flag.field)} (or {env_name(flag.field)}) is required")
+    settings = Settings(**values)
+    if not settings.model_uri and not settings.handler:
+        parser.error("--model-uri (or FORKLESS_MODEL_URI) is required unless --handler is given")
+    if settings.format == "python" and not settings.handler:
+        parser.error("--format python needs --handler module:Class")
+    try:
+        settings.resolved_format  # noqa: B018 - validates early, with the reason
+    except ValueError as exc:
+        parser.error(str(exc))
+    return settings

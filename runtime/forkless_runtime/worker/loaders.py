@@ -1,0 +1,255 @@
+"""Model loaders, run only inside worker processes (they import torch or onnxruntime).
+
+Each loader returns a `LoadedModel`: a callable from input tensors (numpy) to output tensors
+(numpy) plus the metadata the front-end needs: input/output names, datatypes, shapes, and
+whether requests may be concatenated along the first dimension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..protocol.tensors import DTYPE_TO_DATATYPE, NamedTensor
+
+HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    datatype: str  # "" when the format does not say (TorchScript)
+    shape: list[int]  # -1 for a dynamic dimension
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+@dataclass
+class LoadedModel:
+    platform: str
+    predict: Callable[[list[NamedTensor]], list[NamedTensor]]
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    batchable: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "platform": self.platform,
+            "inputs": [t.as_dict() for t in self.inputs],
+            "outputs": [t.as_dict() for t in self.outputs],
+            "batchable": self.batchable,
+            "notes": self.notes,
+        }
+
+
+def arrange_inputs(tensors: list[NamedTensor], declared: list[TensorSpec]) -> list[NamedTensor]:
+    """Order the request's tensors as the model declares them.
+
+    By name when every name matches; by position otherwise, so a KServe client that calls its
+    single input `input-0` works unchanged.
+    """
+    if not declared:
+        return tensors
+    if len(tensors) != len(declared):
+        raise ValueError(
+            f"the model takes {len(declared)} input(s) ({', '.join(t.name for t in declared)}), got {len(tensors)}"
+        )
+    by_name = {t.name: t for t in tensors}
+    if all(spec.name in by_name for spec in declared):
+        return [by_name[spec.name] for spec in declared]
+    return tensors
+
+
+def name_outputs(result: Any, declared: list[TensorSpec] | None = None) -> list[NamedTensor]:
+    """Tensor, sequence of tensors or dict -> named numpy outputs (`output-0`, ... unless named)."""
+    if isinstance(result, dict):
+        items = list(result.items())
+    elif isinstance(result, list | tuple):
+        names = [s.name for s in declared] if declared and len(declared) == len(result) else None
+        items = [(names[i] if names else f"output-{i}", value) for i, value in enumerate(result)]
+    else:
+        name = declared[0].name if declared and len(declared) == 1 else "output-0"
+        items = [(name, result)]
+    return [NamedTensor(str(name), to_numpy(value)) for name, value in items]
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    detach = getattr(value, "detach", None)
+    if detach is not None:  # a torch tensor
+        return detach().cpu().contiguous().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind == "U":
+        array = np.array([s.encode() for s in array.reshape(-1)], dtype=object).reshape(array.shape)
+    return array
+
+
+def _torch_datatype(dtype: Any) -> str:
+    import torch
+
+    sample = torch.empty(0, dtype=dtype)
+    try:
+        return DTYPE_TO_DATATYPE[sample.numpy().dtype.str]
+    except (KeyError, TypeError):
+        return ""
+
+
+def load_torchscript(path: str, device: str) -> LoadedModel:
+    import torch
+
+    module = torch.jit.load(path, map_location=device)
+    module.eval()
+    arguments = [arg.name for arg in module.forward.schema.arguments[1:]]
+    inputs = [TensorSpec(name, "", [-1]) for name in arguments]
+    return LoadedModel("pytorch_torchscript", _torch_predict(module, inputs, device), inputs, [TensorSpec("output-0", "", [-1])])
+
+
+def load_torch_export(path: str, device: str) -> LoadedModel:
+    import torch
+
+    program = torch.export.load(path)
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    inputs: list[TensorSpec] = []
+    batchable = True
+    for name in program.graph_signature.user_inputs:
+        value = placeholders[name].meta.get("val") if name in placeholders else None
+        if value is None:
+            inputs.append(TensorSpec(name, "", [-1]))
+            continue
+        shape = [d if isinstance(d, int) else -1 for d in value.shape]
+        batchable = batchable and bool(shape) and shape[0] == -1
+        inputs.append(TensorSpec(name, _torch_datatype(value.dtype), shape))
+    outputs: list[TensorSpec] = []
+    output_node = next(node for node in program.graph.nodes if node.op == "output")
+    user_outputs = set(program.graph_signature.user_outputs)
+    for index, arg in enumerate(output_node.args[0]):
+        if getattr(arg, "name", None) not in user_outputs:
+            continue
+        value = arg.meta.get("val")
+        shape = [d if isinstance(d, int) else -1 for d in value.shape] if value is not None else [-1]
+        datatype = _torch_datatype(value.dtype) if value is not None else ""
+        outputs.append(TensorSpec(f"output-{index}", datatype, shape))
+    module = program.module().to(device)
+    model = LoadedModel("pytorch_export", _torch_predict(module, inputs, device), inputs, outputs, batchable)
+    if not batchable:
+        model.notes.append(
+            "exported with a fixed batch dimension: requests run one at a time "
+            "(export with dynamic_shapes to let the batcher concatenate them)"
+        )
+    return model
+
+
+def _torch_predict(module: Any, inputs: list[TensorSpec], device: str) -> Callable[[list[NamedTensor]], list[NamedTensor]]:
+    import torch
+
+    def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
+        ordered = arrange_inputs(tensors, inputs)
+        with torch.inference_mode():
+            args = [torch.from_numpy(t.array).to(device, non_blocking=True) for t in ordered]
+            result = module(*args)
+        return name_outputs(result)
+
+    return predict
+
+
+_ORT_TYPES = {
+    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(bool)": "BOOL",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(string)": "BYTES",
+}
+
+
+def load_onnx(path: str, device: str, threads: int) -> LoadedModel:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(path, options, providers=providers)
+
+    def spec(arg: Any) -> TensorSpec:
+        shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+        return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, ""), shape)
+
+    inputs = [spec(a) for a in session.get_inputs()]
+    outputs = [spec(a) for a in session.get_outputs()]
+    batchable = all(t.shape and t.shape[0] == -1 for t in inputs)
+    output_names = [t.name for t in outputs]
+
+    def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
+        ordered = arrange_inputs(tensors, inputs)
+        feed = {s.name: t.array for s, t in zip(inputs, ordered, strict=True)}
+        return [NamedTensor(n, np.asarray(v)) for n, v in zip(output_names, session.run(output_names, feed), strict=True)]
+
+    model = LoadedModel("onnxruntime_onnx", predict, inputs, outputs, batchable)
+    model.notes.append(f"onnxruntime providers: {', '.join(session.get_providers())}")
+    return model
+
+
+def import_handler(path: str) -> type:
+    if not HANDLER_PATTERN.match(path):
+        raise ValueError(f"handler must look like 'package.module:ClassName', got {path!r}")
+    module_name, class_name = path.split(":")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no class {class_name!r}") from None
+
+
+def load_python(handler: str, model_path: str, device: str) -> LoadedModel:
+    """A user class with `load()` and `predict(inputs)`, sync or async; inputs is {name: ndarray}."""
+    cls = import_handler(handler)
+    kwargs = {}
+    init_params = inspect.signature(cls).parameters
+    if "model_path" in init_params:
+        kwargs["model_path"] = model_path
+    if "device" in init_params:
+        kwargs["device"] = device
+    instance = cls(**kwargs)
+    loop = asyncio.new_event_loop()
+
+    def call(fn: Callable[..., Any], *args: Any) -> Any:
+        result = fn(*args)
+        return loop.run_until_complete(result) if inspect.isawaitable(result) else result
+
+    if hasattr(instance, "load"):
+        call(instance.load)
+    declared_in = [TensorSpec(**t) if isinstance(t, dict) else TensorSpec(t, "", [-1]) for t in getattr(cls, "inputs", [])]
+    declared_out = [TensorSpec(**t) if isinstance(t, dict) else TensorSpec(t, "", [-1]) for t in getattr(cls, "outputs", [])]
+
+    def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
+        ordered = arrange_inputs(tensors, declared_in)
+        names = [s.name for s in declared_in] if declared_in else [t.name for t in ordered]
+        result = call(instance.predict, {n: t.array for n, t in zip(names, ordered, strict=True)})
+        return name_outputs(result, declared_out)
+
+    return LoadedModel("python", predict, declared_in, declared_out, bool(getattr(cls, "batchable", True)))
+
+
+def load_model(fmt: str, model_path: str, handler: str | None, device: str, threads: int) -> LoadedModel:
+    if fmt == "torchscript":
+        return load_torchscript(model_path, device)
+    if fmt == "torch-export":
+        return load_torch_export(model_path, device)
+    if fmt == "onnx":
+        return load_onnx(model_path, device, threads)
+    if fmt == "python":
+        if not handler:
+            raise ValueError("format 'python' needs a handler (module:Class)")
+        return load_python(handler, model_path, device)
+    raise ValueError(f"unknown model format {fmt!r}")

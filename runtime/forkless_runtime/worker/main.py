@@ -1,0 +1,158 @@
+"""The spawned side: set the environment, then import torch, then load the model, then serve batches.
+
+Nothing model-shaped crosses the process boundary: the worker gets plain settings and builds
+the model itself. The order matters: CUDA_VISIBLE_DEVICES and the thread budget must be in the
+environment before torch (and its OpenMP runtime) is first imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..logs import configure_logging
+from ..pool.channel import decode_frame, encode_frame, map_ring, pack_tensors, unpack_tensors
+
+log = logging.getLogger("forkless.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Plain data a worker needs; pickled by multiprocessing when it spawns the worker."""
+
+    worker_id: int
+    format: str
+    model_path: str
+    handler: str | None
+    device: str  # "cpu" or "cuda"
+    gpu: str | None  # the one GPU id this worker sees as cuda:0
+    threads: int
+    gpu_memory_fraction: float | None
+    ring_name: str | None
+    ring_size: int
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def apply_environment(spec: WorkerSpec) -> None:
+    """Pin the GPU and the thread budget; must run before torch is imported."""
+    if spec.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
+    elif spec.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    threads = str(spec.threads)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = threads
+    os.environ["FORKLESS_WORKER_ID"] = str(spec.worker_id)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker if its parent dies, so no worker outlives the server."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare_torch(spec: WorkerSpec) -> None:
+    if spec.format not in ("torchscript", "torch-export", "python"):
+        return
+    try:
+        import torch
+    except ImportError:
+        if spec.format == "python":
+            return
+        raise
+    torch.set_num_threads(spec.threads)
+    if spec.device == "cuda" and spec.gpu_memory_fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(spec.gpu_memory_fraction, 0)
+
+
+def gpu_memory_bytes(spec: WorkerSpec) -> int | None:
+    if spec.device != "cuda" or "torch" not in sys.modules:
+        return None
+    import torch
+
+    return int(torch.cuda.memory_reserved(0))
+
+
+def short_error(exc: BaseException, limit: int = 500) -> str:
+    """The gist of a model error for the client: TorchScript wraps the cause in a long traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    gist = lines[-1] if lines else ""
+    if not gist.startswith(type(exc).__name__):
+        gist = f"{type(exc).__name__}: {gist}"
+    return gist[:limit]
+
+
+def run(spec_dict: dict[str, Any], conn: Connection) -> None:
+    """Worker process entry point (the target multiprocessing spawns)."""
+    spec = WorkerSpec(**spec_dict)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
+    apply_environment(spec)
+    configure_logging(spec.log_format, spec.log_level, worker_id=spec.worker_id)
+    # TorchScript is what users bring; torch's deprecation notice is said once in our docs instead.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+
+    try:
+        started = time.perf_counter()
+        prepare_torch(spec)
+        from .loaders import load_model
+
+        model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads)
+        ring = map_ring(spec.ring_name, spec.ring_size) if spec.ring_name else None
+        log.info("loaded %s (%s) on %s%s with %d thread(s) in %.2fs", spec.model_path or spec.handler, spec.format,
+                 spec.device, f" (GPU {spec.gpu})" if spec.gpu is not None else "", spec.threads,
+                 time.perf_counter() - started)
+        for note in model.notes:
+            log.info("%s", note)
+    except BaseException as exc:  # report every load failure to the front-end, then exit non-zero
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("model failed to load: %s", message)
+        with contextlib.suppress(OSError):
+            conn.send_bytes(encode_frame({"t": "load_error", "error": message}))
+        sys.exit(1)
+
+    conn.send_bytes(encode_frame({"t": "ready", "meta": model.metadata(), "pid": os.getpid(),
+                                  "gpu_mem": gpu_memory_bytes(spec)}))
+    serve(conn, model.predict, ring, spec)
+
+
+def serve(conn: Connection, predict: Any, ring: memoryview | None, spec: WorkerSpec) -> None:
+    while True:
+        try:
+            frame = bytearray(conn.recv_bytes())  # writable: a model may work on its inputs in place
+        except (EOFError, OSError):
+            return  # the front-end is gone or closed the channel: stop
+        header, inline = decode_frame(frame)
+        if header.get("t") == "stop":
+            return
+        batch_id = header["id"]
+        try:
+            outputs = predict(unpack_tensors(header["inputs"], inline, ring))
+            descriptions, payload, _ = pack_tensors([(t.name, [t.array]) for t in outputs])
+            reply = encode_frame({"t": "ok", "id": batch_id, "outputs": descriptions,
+                                  "gpu_mem": gpu_memory_bytes(spec)}, payload)
+        except Exception as exc:  # the model raised: answer 500 with the message, keep serving
+            log.warning("batch %s failed: %s", batch_id, "".join(traceback.format_exception_only(exc)).strip())
+            reply = encode_frame({"t": "err", "id": batch_id, "error": short_error(exc)})
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            return
