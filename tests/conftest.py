@@ -1,0 +1,193 @@
+"""Fixtures shared by the whole test suite: a real Kubernetes cluster for tests
+marked ``@pytest.mark.cluster``, and a deadline-based polling helper.
+
+``kube`` (session scope)
+    A :class:`Kube` handle: ``kube.kubeconfig`` (path), ``kube.kubectl_path``,
+    ``kube.kubectl(*args)`` (returns a ``CompletedProcess``; raises
+    :class:`KubectlError` with stderr on failure unless ``check=False``),
+    ``kube.json(*args)`` (``kubectl ... -o json`` parsed), ``kube.apply(*objects)``
+    (server-side apply of manifests given as dicts) and ``kube.env`` (this
+    environment plus ``KUBECONFIG``, for processes such as an operator).
+
+    Without ``FORKLESS_KUBECONFIG``, the first test that asks for it starts the
+    local control plane (``hack/cluster.sh up``: etcd, kube-apiserver,
+    kube-controller-manager, kube-scheduler and kwok with simulated GPU nodes)
+    in its own state directory, ``.cluster-test/`` (``FORKLESS_CLUSTER_DIR``),
+    once for the whole run; it is stopped and removed when the run ends. Runs
+    without cluster tests start nothing. The binaries are built (or found in
+    the cache) by ``hack/tools.sh`` right after collection, outside any test's
+    timeout, since a first build takes minutes.
+
+    With ``FORKLESS_KUBECONFIG=/path/to/kubeconfig`` the tests use that cluster
+    (for instance one made by ``hack/kind.sh``) and start or stop nothing. The
+    ambient ``KUBECONFIG`` and ``~/.kube/config`` are never used, so the suite
+    cannot wander into a cluster nobody pointed it at.
+
+    A cluster that cannot start fails the tests with the reason (the tail of
+    the failing component's log); it never skips them.
+
+``namespace`` (function scope)
+    A fresh namespace per test, with its ``default`` ServiceAccount in place;
+    deleted (without waiting) when the test ends.
+
+``wait_for`` (function scope; returns the module's ``wait_for`` function)
+    ``wait_for(predicate, timeout, what)`` calls ``predicate`` until it returns
+    something truthy and returns that; past the deadline it fails with ``what``
+    and the last value seen. Tests wait for conditions this way, never with a
+    bare sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_SH = REPO / "hack" / "cluster.sh"
+TOOLS_SH = REPO / "hack" / "tools.sh"
+TEST_CLUSTER_DIR = REPO / ".cluster-test"
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns a truthy value, and return it.
+
+    Fails with ``what`` ("Deployment gpu Available", ...) and the last value
+    when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}; last value: {value!r}", pytrace=False)
+        time.sleep(interval)
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., Any]:
+    return wait_for
+
+
+class KubectlError(AssertionError):
+    def __init__(self, result: subprocess.CompletedProcess[str]) -> None:
+        super().__init__(
+            f"{' '.join(result.args)} exited {result.returncode}\n"
+            f"stdout: {result.stdout.strip()}\nstderr: {result.stderr.strip()}"
+        )
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Kube:
+    kubeconfig: Path
+    kubectl_path: str
+    local: bool  # started by hack/cluster.sh for this run, as opposed to FORKLESS_KUBECONFIG
+    env: dict[str, str] = field(repr=False)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [self.kubectl_path, "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(result)
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "--output=json").stdout)
+
+    def apply(self, *objects: dict[str, Any], namespace: str | None = None) -> None:
+        """Server-side apply of ``objects``, into ``namespace`` if given."""
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+        ns_args = ["--namespace", namespace] if namespace else []
+        self.kubectl("apply", "--server-side", "--field-manager=forkless-tests", *ns_args, "-f", "-", input=manifest)
+
+
+def _external_kubeconfig() -> Path | None:
+    value = os.environ.get("FORKLESS_KUBECONFIG")
+    return Path(value).resolve() if value else None
+
+
+def _kubectl_for_external_cluster() -> str:
+    for candidate in (os.environ.get("FORKLESS_KUBECTL"), str(REPO / ".tools" / "bin" / "kubectl"), shutil.which("kubectl")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("FORKLESS_KUBECONFIG is set but no kubectl found: set FORKLESS_KUBECTL or run hack/tools.sh", pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Build the cluster binaries before any test runs, if a cluster test will.
+
+    A first build takes ~10 minutes, more than a test's timeout; done here, it
+    counts against none, and its progress is shown rather than captured.
+    """
+    if _external_kubeconfig() or not any(item.get_closest_marker("cluster") for item in items):
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        result = subprocess.run([str(TOOLS_SH)], check=False)
+    if result.returncode != 0:
+        raise pytest.UsageError(f"hack/tools.sh exited {result.returncode}; its output is above")
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[Kube]:
+    external = _external_kubeconfig()
+    if external:
+        yield Kube(external, _kubectl_for_external_cluster(), local=False, env={**os.environ, "KUBECONFIG": str(external)})
+        return
+
+    state = Path(os.environ.get("FORKLESS_TEST_CLUSTER_DIR", TEST_CLUSTER_DIR))
+    cluster_env = {**os.environ, "FORKLESS_CLUSTER_DIR": str(state)}
+    up = subprocess.run([str(CLUSTER_SH), "up"], env=cluster_env, capture_output=True, text=True, check=False)
+    if up.returncode != 0:
+        pytest.fail(f"hack/cluster.sh up exited {up.returncode}:\n{up.stderr[-8000:]}", pytrace=False)
+    kubeconfig = state / "kubeconfig"
+    try:
+        yield Kube(
+            kubeconfig,
+            str(REPO / ".tools" / "bin" / "kubectl"),
+            local=True,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        )
+    finally:
+        down = subprocess.run([str(CLUSTER_SH), "down"], env=cluster_env, capture_output=True, text=True, check=False)
+        if down.returncode != 0:
+            print(f"hack/cluster.sh down exited {down.returncode}:\n{down.stderr}")
+
+
+@pytest.fixture
+def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{secrets.token_hex(3)}"
+    kube.kubectl("create", "namespace", name)
+    kube.kubectl("label", "namespace", name, "forkless.test/scratch=true")
+    # Pods are rejected until the namespace's default ServiceAccount exists.
+    wait_for(
+        lambda: kube.kubectl("get", "serviceaccount", "default", "--namespace", name, check=False).returncode == 0,
+        30,
+        f"ServiceAccount {name}/default",
+    )
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
