@@ -127,7 +127,7 @@ class ModelSpec(_Model):
     """Which model to serve and how to load it."""
 
     name: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         max_length=128,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
@@ -145,11 +145,11 @@ class ModelSpec(_Model):
         json_schema_extra=validations(URI_SCHEME_RULE, PVC_URI_RULE, FILE_URI_RULE),
     )
     format: Literal["torchscript", "torch-export", "onnx", "python"] | None = Field(
-        None,
+        default=None,
         description="Model format; inferred by the runtime from the file extension when omitted.",
     )
     handler: str | None = Field(
-        None,
+        default=None,
         max_length=256,
         pattern=HANDLER_PATTERN,
         description="Import string module:Class of the handler the workers load; required for format python.",
@@ -201,10 +201,10 @@ class Batching(_Model):
     """The runtime's deadline batcher."""
 
     max_batch_size: int | None = Field(
-        None, ge=1, le=4096, description="Largest batch a worker receives (--max-batch-size)."
+        default=None, ge=1, le=4096, description="Largest batch a worker receives (--max-batch-size)."
     )
     max_delay_ms: float | None = Field(
-        None,
+        default=None,
         ge=0,
         le=60_000,
         description="How long a request may wait for others to fill a batch, in milliseconds (--max-batch-delay-ms).",
@@ -215,9 +215,9 @@ class EnvVar(_Model):
     """A container environment variable (core/v1 EnvVar); valueFrom is passed through unchanged."""
 
     name: str = Field(..., min_length=1, max_length=256, description="Name of the variable.")
-    value: str | None = Field(None, max_length=32_768, description="Literal value.")
+    value: str | None = Field(default=None, max_length=32_768, description="Literal value.")
     value_from: dict[str, Any] | None = Field(
-        None,
+        default=None,
         description="Source of the value (core/v1 EnvVarSource): secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
@@ -227,16 +227,16 @@ class RuntimeSpec(_Model):
     """How the forkless runtime serves the model inside each replica."""
 
     image: str | None = Field(
-        None, max_length=512, description="Runtime container image. Defaults to the operator's configured image."
+        default=None, max_length=512, description="Runtime container image. Defaults to the operator's configured image."
     )
     workers: int | None = Field(
-        None,
+        default=None,
         le=256,
         description="Worker processes per replica, each loading the model once. Defaults to one per GPU, else 1.",
         json_schema_extra=validations(WORKERS_RULE),
     )
     start_method: str = Field(
-        "spawn",
+        default="spawn",
         max_length=16,
         description=(
             "How workers are started: spawn or forkserver. fork is rejected: CUDA cannot be "
@@ -245,10 +245,10 @@ class RuntimeSpec(_Model):
         json_schema_extra=validations(NO_FORK_RULE, START_METHOD_RULE),
     )
     threads_per_worker: int | None = Field(
-        None, ge=1, le=256, description="Intra-op CPU threads per worker (torch.set_num_threads). Defaults to the runtime's choice."
+        default=None, ge=1, le=256, description="Intra-op CPU threads per worker (torch.set_num_threads). Defaults to the runtime's choice."
     )
     gpu_memory_fraction: float | None = Field(
-        None,
+        default=None,
         gt=0,
         le=1,
         description=(
@@ -256,12 +256,12 @@ class RuntimeSpec(_Model):
             "Workers sharing a GPU must fit: gpuMemoryFraction * ceil(workers / gpus) <= 1."
         ),
     )
-    batching: Batching | None = Field(None, description="Dynamic batching of requests; off when omitted.")
+    batching: Batching | None = Field(default=None, description="Dynamic batching of requests; off when omitted.")
     max_queue: int | None = Field(
-        None, ge=1, le=1_000_000, description="Requests that may wait; beyond it the runtime answers 503 at once."
+        default=None, ge=1, le=1_000_000, description="Requests that may wait; beyond it the runtime answers 503 at once."
     )
     request_timeout_seconds: float | None = Field(
-        None, gt=0, le=3600, description="Deadline of one request, in seconds; late requests fail with 504."
+        default=None, gt=0, le=3600, description="Deadline of one request, in seconds; late requests fail with 504."
     )
     env: list[EnvVar] = Field(
         default_factory=list,
@@ -311,26 +311,26 @@ class ResourcesSpec(_Model):
     """Compute resources of each replica."""
 
     gpus: int = Field(
-        0, ge=0, le=16, description="GPUs per replica: the requests and limits of gpuResourceName."
+        default=0, ge=0, le=16, description="GPUs per replica: the requests and limits of gpuResourceName."
     )
     gpu_resource_name: str | None = Field(
-        None,
+        default=None,
         max_length=253,
         pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
         description="Extended resource that counts GPUs, e.g. nvidia.com/mig-1g.10gb. Defaults to the operator's configuration (nvidia.com/gpu).",
     )
     cpu: str | int | None = Field(
-        None,
+        default=None,
         description="CPU request of the runtime container (a Quantity, e.g. 4 or 500m).",
         json_schema_extra=QUANTITY_SCHEMA,
     )
     memory: str | int | None = Field(
-        None,
+        default=None,
         description="Memory request and limit of the runtime container (a Quantity, e.g. 16Gi).",
         json_schema_extra=QUANTITY_SCHEMA,
     )
     shared_memory: str | int | None = Field(
-        None,
+        default=None,
         description=(
             "Size limit of the memory-backed /dev/shm that moves tensors between the front-end and "
             "the workers. Defaults to 1Gi per worker, at most the memory request."
@@ -356,10 +356,10 @@ MIN_MAX_REPLICAS_RULE = Rule(
 class AutoscalingSpec(_Model):
     """A HorizontalPodAutoscaler (autoscaling/v2) on the runtime Deployment."""
 
-    min_replicas: int = Field(1, ge=1, le=1000, description="Fewest replicas the autoscaler keeps.")
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas the autoscaler keeps.")
     max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas the autoscaler creates.")
     target_cpu_utilization: int = Field(
-        80,
+        default=80,
         ge=1,
         le=100,
         alias="targetCPUUtilization",
@@ -392,12 +392,12 @@ class SchedulingSpec(_Model):
         json_schema_extra=OPAQUE_LIST,
     )
     affinity: dict[str, Any] | None = Field(
-        None,
+        default=None,
         description="Pod affinity and anti-affinity (core/v1 Affinity).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     priority_class_name: str | None = Field(
-        None, max_length=253, description="PriorityClass of the pods."
+        default=None, max_length=253, description="PriorityClass of the pods."
     )
     topology_spread_constraints: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -448,7 +448,7 @@ class InferenceServiceSpec(_Model):
     """The desired state of one served model."""
 
     replicas: int | None = Field(
-        None,
+        default=None,
         ge=0,
         le=1000,
         description="Pod replicas; 1 when omitted. Cannot be combined with autoscaling. The scale subresource writes it.",
@@ -465,11 +465,11 @@ class InferenceServiceSpec(_Model):
         json_schema_extra={"default": {}},
     )
     autoscaling: AutoscalingSpec | None = Field(
-        None, description="Scale on CPU utilization with a HorizontalPodAutoscaler instead of a fixed replica count."
+        default=None, description="Scale on CPU utilization with a HorizontalPodAutoscaler instead of a fixed replica count."
     )
-    scheduling: SchedulingSpec | None = Field(None, description="Node selection, tolerations, affinity and spreading.")
+    scheduling: SchedulingSpec | None = Field(default=None, description="Node selection, tolerations, affinity and spreading.")
     service_account_name: str | None = Field(
-        None, max_length=253, description="ServiceAccount of the pods; the namespace's default when omitted."
+        default=None, max_length=253, description="ServiceAccount of the pods; the namespace's default when omitted."
     )
 
     model_config = ConfigDict(
@@ -510,26 +510,26 @@ class Condition(_Model):
         ..., min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
         description="CamelCase reason of the last transition.",
     )
-    message: str = Field("", max_length=32_768, description="Human-readable details.")
+    message: str = Field(default="", max_length=32_768, description="Human-readable details.")
     last_transition_time: str = Field(
         ..., description="When status last changed.", json_schema_extra={"format": "date-time"}
     )
     observed_generation: int | None = Field(
-        None, ge=0, description="The metadata.generation this condition was computed for."
+        default=None, ge=0, description="The metadata.generation this condition was computed for."
     )
 
 
 class InferenceServiceStatus(_Model):
     """The observed state, computed by the operator and written through /status."""
 
-    observed_generation: int | None = Field(None, description="The metadata.generation last reconciled.")
-    url: str | None = Field(None, description="In-cluster URL of the service.")
-    replicas: int | None = Field(None, description="Pods of the Deployment (for the scale subresource).")
-    ready_replicas: int | None = Field(None, description="Pods ready to serve.")
-    replica_summary: str | None = Field(None, description="ready/desired replicas, for display.")
-    selector: str | None = Field(None, description="Label selector of the pods (for the scale subresource).")
-    gpus: int | None = Field(None, description="GPUs requested by all replicas together.")
-    workers: int | None = Field(None, description="Worker processes per replica.")
+    observed_generation: int | None = Field(default=None, description="The metadata.generation last reconciled.")
+    url: str | None = Field(default=None, description="In-cluster URL of the service.")
+    replicas: int | None = Field(default=None, description="Pods of the Deployment (for the scale subresource).")
+    ready_replicas: int | None = Field(default=None, description="Pods ready to serve.")
+    replica_summary: str | None = Field(default=None, description="ready/desired replicas, for display.")
+    selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
+    gpus: int | None = Field(default=None, description="GPUs requested by all replicas together.")
+    workers: int | None = Field(default=None, description="Worker processes per replica.")
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
@@ -558,10 +558,11 @@ class InferenceService(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    api_version: str = Field(API_VERSION, alias="apiVersion")
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
     kind: str = KIND
     metadata: ObjectMeta
     spec: InferenceServiceSpec
+    status: InferenceServiceStatus | None = None
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,71 @@
+"""``forkless-operator run``: kopf with the operator's handlers and settings.
+
+Credentials come from the in-cluster service account, else KUBECONFIG or
+~/.kube/config (kopf logs in through the ``kubernetes`` client, and so does
+``forkless_operator.apply``). Peering: kopf looks for its peering object and
+runs standalone, with a log line, when the peering CRDs are not installed; pass
+``--standalone`` to skip the look-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+PEERING_NAME = "forkless-operator"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forkless-operator", description="The forkless InferenceService operator.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="watch InferenceServices and reconcile them")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", dest="namespaces", default=[], metavar="NS",
+        help="watch this namespace (repeatable; globs such as team-* work)",
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    run.add_argument(
+        "--liveness", metavar="URL", default=None,
+        help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz",
+    )
+    run.add_argument("--metrics-port", type=int, default=9090, help="port of /metrics; 0 turns it off")
+    run.add_argument("--standalone", action="store_true", help="never peer with other operator instances")
+    run.add_argument("--peering", default=PEERING_NAME, help="name of the kopf peering object for HA")
+    run.add_argument("--log-format", choices=("json", "plain"), default="json")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf  # imported here so that --help works without a cluster library set up
+
+    from forkless_operator import handlers, metrics
+
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    logging.getLogger(__name__).info("handlers loaded from %s", handlers.__name__)
+    kopf.run(
+        clusterwide=not args.namespaces,
+        namespaces=args.namespaces,
+        liveness_endpoint=args.liveness,
+        standalone=args.standalone,
+        peering_name=args.peering,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Status is computed, never accumulated: a pure function of the children as they are now.
+
+``compute_status`` takes the InferenceService, its Deployment and pods as read
+from the API server, and returns the whole ``status`` to write through /status.
+Two conditions: ``Reconciled`` (the children were applied for this generation)
+and ``Ready`` (the Deployment's updated replicas are available), each with a
+CamelCase reason and ``observedGeneration``. ``lastTransitionTime`` only moves
+when a condition's status changes, so recomputing an unchanged state writes
+nothing new.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from forkless_operator.render import desired_replicas, selector_string, service_url
+from forkless_operator.settings import Settings
+from forkless_operator.spec import Condition, InferenceService, InferenceServiceStatus
+
+READY = "Ready"
+RECONCILED = "Reconciled"
+
+# Container waiting reasons worth surfacing, in the order we report them.
+_WAITING_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A condition's value before timestamps: True/False, a CamelCase reason and a message."""
+
+    ok: bool
+    reason: str
+    message: str
+
+
+APPLIED = Observation(True, "Applied", "all children are applied for this generation")
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _condition(
+    kind: str, observation: Observation, generation: int | None, previous: Mapping[str, Condition], now: str
+) -> Condition:
+    status: Literal["True", "False"] = "True" if observation.ok else "False"
+    before = previous.get(kind)
+    since = before.last_transition_time if before is not None and before.status == status else now
+    return Condition(
+        type=kind,
+        status=status,
+        reason=observation.reason,
+        message=observation.message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+
+
+def pod_problem(pods: Iterable[Mapping[str, Any]]) -> Observation | None:
+    """Why pods cannot become ready: the scheduler's message, an image pull or a crash loop."""
+    found: list[tuple[int, str, Observation]] = []
+    for pod in pods:
+        name = pod.get("metadata", {}).get("name", "")
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        status = pod.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if (
+                condition.get("type") == "PodScheduled"
+                and condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"
+            ):
+                message = f"pod {name} cannot be scheduled: {condition.get('message', '')}".rstrip(": ")
+                found.append((0, name, Observation(False, "Unschedulable", message)))
+        containers = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        for container in containers:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in _WAITING_REASONS:
+                detail = waiting.get("message") or reason
+                message = f"container {container.get('name')} of pod {name} cannot start: {detail}"
+                found.append((1 + _WAITING_REASONS.index(reason), name, Observation(False, reason, message)))
+    return min(found, key=lambda item: item[:2])[2] if found else None
+
+
+def deployment_readiness(deployment: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> Observation:
+    """Ready when the Deployment's updated replicas are all available; otherwise the best reason why not."""
+    if deployment is None:
+        return Observation(False, "DeploymentMissing", "the Deployment does not exist yet")
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    desired = spec.get("replicas", 1)
+    updated = status.get("updatedReplicas", 0)
+    available = status.get("availableReplicas", 0)
+    generation = deployment.get("metadata", {}).get("generation", 0)
+    caught_up = status.get("observedGeneration", 0) >= generation
+    if caught_up and updated >= desired and available >= desired and status.get("replicas", 0) <= desired:
+        if desired == 0:
+            return Observation(True, "ScaledToZero", "the Deployment is scaled to zero replicas")
+        return Observation(True, "Available", f"{available}/{desired} replicas are available")
+    problem = pod_problem(pods)
+    if problem is not None:
+        return problem
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return Observation(False, "ProgressDeadlineExceeded", condition.get("message", "the rollout stalled"))
+    if not caught_up:
+        return Observation(False, "Progressing", "the Deployment controller has not observed the latest spec yet")
+    return Observation(False, "Progressing", f"{updated} of {desired} updated replicas exist, {available} are available")
+
+
+def compute_status(
+    isvc: InferenceService,
+    deployment: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    generation: int,
+    *,
+    reconciled: Observation | None = None,
+    problem: Observation | None = None,
+    previous: InferenceServiceStatus | None = None,
+    settings: Settings | None = None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The full status to write through /status, in its wire form (camelCase, no nulls).
+
+    ``reconciled`` is the outcome of applying the children for ``generation``;
+    None when only the children changed (a pod event), which keeps the previous
+    Reconciled condition and observedGeneration. ``problem`` is a semantic error
+    found while reconciling (a missing claim) that makes Ready False whatever the
+    pods say.
+    """
+    now = now or now_rfc3339()
+    previous = previous or InferenceServiceStatus()
+    before = {c.type: c for c in previous.conditions}
+
+    if reconciled is not None:
+        observed: int | None = generation
+        reconciled_condition = _condition(RECONCILED, reconciled, generation, before, now)
+    else:
+        observed = previous.observed_generation
+        reconciled_condition = before.get(RECONCILED) or _condition(
+            RECONCILED, Observation(False, "Pending", "the children have not been applied yet"), observed, before, now
+        )
+
+    pod_list = list(pods)
+    if reconciled_condition.status != "True":
+        readiness = Observation(False, reconciled_condition.reason, reconciled_condition.message)
+    elif problem is not None:
+        readiness = problem
+    else:
+        readiness = deployment_readiness(deployment, pod_list)
+    ready_condition = _condition(READY, readiness, observed, before, now)
+
+    deployment_status = (deployment or {}).get("status") or {}
+    if deployment is not None:
+        desired = (deployment.get("spec") or {}).get("replicas", 1)
+    else:
+        desired = 0 if isvc.spec.autoscaling else desired_replicas(isvc)
+    ready_replicas = deployment_status.get("readyReplicas", 0)
+    status = InferenceServiceStatus(
+        observed_generation=observed,
+        url=service_url(isvc, settings),
+        replicas=deployment_status.get("replicas", 0),
+        ready_replicas=ready_replicas,
+        replica_summary=f"{ready_replicas}/{desired}",
+        selector=selector_string(isvc),
+        gpus=isvc.spec.resources.gpus * desired,
+        workers=isvc.spec.workers,
+        conditions=[ready_condition, reconciled_condition],
+    )
+    return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def invalid_spec_status(message: str, generation: int, previous: InferenceServiceStatus | None = None,
+                        now: str | None = None) -> dict[str, Any]:
+    """Status of an InferenceService whose spec the operator cannot parse: both conditions False."""
+    now = now or now_rfc3339()
+    previous = previous or InferenceServiceStatus()
+    before = {c.type: c for c in previous.conditions}
+    observation = Observation(False, "InvalidSpec", message)
+    status = InferenceServiceStatus(
+        observed_generation=generation,
+        conditions=[
+            _condition(READY, observation, generation, before, now),
+            _condition(RECONCILED, observation, generation, before, now),
+        ],
+    )
+    return status.model_dump(by_alias=True, exclude_none=True)
