@@ -78,23 +78,20 @@ launch() {
 pid_of() { records | awk -v n="$1" '$1 == n { print $2 }'; }
 
 stop_all() {
-	local -a pids=()
-	local name pid
-	# Reverse start order: kwok and the controllers go before the apiserver,
-	# the apiserver before etcd.
+	local name pid deadline
+	# Reverse start order, each gone before the next is asked: kwok and the
+	# controllers before the apiserver, the apiserver before etcd.
 	while read -r name pid; do
+		ours "$pid" || continue
+		say "stopping $name (pid $pid)"
+		kill -TERM "$pid" 2>/dev/null || continue
+		deadline=$((SECONDS + 10))
+		while ours "$pid" && ((SECONDS < deadline)); do sleep 0.05; done
 		if ours "$pid"; then
-			kill -TERM "$pid" 2>/dev/null && pids+=("$pid") && say "stopping $name (pid $pid)"
-		fi
-	done < <(records | tac)
-	local deadline=$((SECONDS + 10))
-	for pid in "${pids[@]}"; do
-		while ours "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-		if ours "$pid"; then
-			say "pid $pid ignored SIGTERM for 10s; sending SIGKILL"
+			say "$name ignored SIGTERM for 10s; sending SIGKILL"
 			kill -KILL "$pid" 2>/dev/null || true
 		fi
-	done
+	done < <(records | tac)
 	rm -f "$state/pids"
 }
 
@@ -375,7 +372,11 @@ down() {
 
 status() {
 	if [[ ! -f $state/pids ]]; then
-		say "no cluster in $state"
+		if [[ -d $state/logs ]]; then
+			say "nothing runs in $state; logs of the last attempt are in $state/logs"
+		else
+			say "no cluster in $state"
+		fi
 		return 1
 	fi
 	# shellcheck source=/dev/null

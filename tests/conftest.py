@@ -73,7 +73,9 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         if value:
             return value
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}; last value: {value!r}", pytrace=False)
+            pytest.fail(
+                f"timed out after {timeout:g}s waiting for {what}; last value: {value!r}", pytrace=False
+            )
         time.sleep(interval)
 
 
@@ -120,7 +122,9 @@ class Kube:
         """Server-side apply of ``objects``, into ``namespace`` if given."""
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
         ns_args = ["--namespace", namespace] if namespace else []
-        self.kubectl("apply", "--server-side", "--field-manager=forkless-tests", *ns_args, "-f", "-", input=manifest)
+        self.kubectl(
+            "apply", "--server-side", "--field-manager=forkless-tests", *ns_args, "-f", "-", input=manifest
+        )
 
 
 def _external_kubeconfig() -> Path | None:
@@ -129,10 +133,17 @@ def _external_kubeconfig() -> Path | None:
 
 
 def _kubectl_for_external_cluster() -> str:
-    for candidate in (os.environ.get("FORKLESS_KUBECTL"), str(REPO / ".tools" / "bin" / "kubectl"), shutil.which("kubectl")):
+    for candidate in (
+        os.environ.get("FORKLESS_KUBECTL"),
+        str(REPO / ".tools" / "bin" / "kubectl"),
+        shutil.which("kubectl"),
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    pytest.fail("FORKLESS_KUBECONFIG is set but no kubectl found: set FORKLESS_KUBECTL or run hack/tools.sh", pytrace=False)
+    pytest.fail(
+        "FORKLESS_KUBECONFIG is set but no kubectl found: set FORKLESS_KUBECTL or run hack/tools.sh",
+        pytrace=False,
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
@@ -155,7 +166,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def kube() -> Iterator[Kube]:
     external = _external_kubeconfig()
     if external:
-        yield Kube(external, _kubectl_for_external_cluster(), local=False, env={**os.environ, "KUBECONFIG": str(external)})
+        yield Kube(
+            external,
+            _kubectl_for_external_cluster(),
+            local=False,
+            env={**os.environ, "KUBECONFIG": str(external)},
+        )
         return
 
     state = Path(os.environ.get("FORKLESS_TEST_CLUSTER_DIR", TEST_CLUSTER_DIR))
@@ -172,7 +188,9 @@ def kube() -> Iterator[Kube]:
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         )
     finally:
-        down = subprocess.run([str(CLUSTER_SH), "down"], env=cluster_env, capture_output=True, text=True, check=False)
+        down = subprocess.run(
+            [str(CLUSTER_SH), "down"], env=cluster_env, capture_output=True, text=True, check=False
+        )
         if down.returncode != 0:
             print(f"hack/cluster.sh down exited {down.returncode}:\n{down.stderr}")
 
@@ -185,7 +203,9 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     kube.kubectl("label", "namespace", name, "forkless.test/scratch=true")
     # Pods are rejected until the namespace's default ServiceAccount exists.
     wait_for(
-        lambda: kube.kubectl("get", "serviceaccount", "default", "--namespace", name, check=False).returncode == 0,
+        lambda: (
+            kube.kubectl("get", "serviceaccount", "default", "--namespace", name, check=False).returncode == 0
+        ),
         30,
         f"ServiceAccount {name}/default",
     )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import Kube  # tests/conftest.py; fixtures, not imports, at run time
+    from tests.conftest import Kube
 
 pytestmark = pytest.mark.cluster
 
@@ -136,7 +136,9 @@ def test_crd_cel_rule_rejects_invalid_object(kube: Kube, namespace: str, widget_
     assert kube.kubectl("get", "widget", "bad", "--namespace", namespace, check=False).returncode != 0
 
 
-def test_gpu_deployment_becomes_available_on_a_gpu_node(kube: Kube, namespace: str, wait_for: WaitFor) -> None:
+def test_gpu_deployment_becomes_available_on_a_gpu_node(
+    kube: Kube, namespace: str, wait_for: WaitFor
+) -> None:
     kube.apply(gpu_deployment("one-gpu", gpus=1), namespace=namespace)
 
     def available() -> bool:
@@ -153,8 +155,12 @@ def test_gpu_deployment_becomes_available_on_a_gpu_node(kube: Kube, namespace: s
     assert int(node["status"]["allocatable"][GPU]) >= 1
 
 
-def test_gpu_request_larger_than_any_node_stays_pending(kube: Kube, namespace: str, wait_for: WaitFor) -> None:
-    most_gpus_on_a_node = max(int(n["status"]["allocatable"].get(GPU, 0)) for n in kube.json("get", "nodes")["items"])
+def test_gpu_request_larger_than_any_node_stays_pending(
+    kube: Kube, namespace: str, wait_for: WaitFor
+) -> None:
+    most_gpus_on_a_node = max(
+        int(n["status"]["allocatable"].get(GPU, 0)) for n in kube.json("get", "nodes")["items"]
+    )
     kube.apply(gpu_deployment("too-many-gpus", gpus=most_gpus_on_a_node + 1), namespace=namespace)
 
     def unschedulable() -> dict[str, Any] | None:
@@ -194,14 +200,18 @@ def test_pods_without_toleration_avoid_gpu_nodes(kube: Kube, namespace: str, wai
 
     def all_running() -> list[dict[str, Any]]:
         listed = pods(kube, namespace, "cpu-only")
-        return listed if len(listed) == 3 and all(p["status"].get("phase") == "Running" for p in listed) else []
+        return (
+            listed if len(listed) == 3 and all(p["status"].get("phase") == "Running" for p in listed) else []
+        )
 
     for pod in wait_for(all_running, 30, "3 cpu-only pods Running"):
         node = kube.json("get", "node", pod["spec"]["nodeName"])
         assert "nvidia.com/gpu.present" not in node["metadata"]["labels"], pod["spec"]["nodeName"]
 
 
-def test_deleting_a_deployment_collects_its_replicasets_and_pods(kube: Kube, namespace: str, wait_for: WaitFor) -> None:
+def test_deleting_a_deployment_collects_its_replicasets_and_pods(
+    kube: Kube, namespace: str, wait_for: WaitFor
+) -> None:
     kube.apply(gpu_deployment("collected", gpus=1), namespace=namespace)
     wait_for(lambda: pods(kube, namespace, "collected"), 30, "a pod of Deployment collected")
 
@@ -209,14 +219,24 @@ def test_deleting_a_deployment_collects_its_replicasets_and_pods(kube: Kube, nam
 
     def dependents() -> list[str]:
         listed = kube.kubectl(
-            "get", "replicasets,pods", "--namespace", namespace, "-l", "app.kubernetes.io/name=collected", "--output=name"
+            "get",
+            "replicasets,pods",
+            "--namespace",
+            namespace,
+            "-l",
+            "app.kubernetes.io/name=collected",
+            "--output=name",
         )
         return listed.stdout.split()
 
-    wait_for(lambda: not dependents(), 30, "ReplicaSets and Pods of Deployment collected to be garbage-collected")
+    wait_for(
+        lambda: not dependents(), 30, "ReplicaSets and Pods of Deployment collected to be garbage-collected"
+    )
 
 
-def test_deleting_an_owner_collects_a_dependent_configmap(kube: Kube, namespace: str, wait_for: WaitFor) -> None:
+def test_deleting_an_owner_collects_a_dependent_configmap(
+    kube: Kube, namespace: str, wait_for: WaitFor
+) -> None:
     kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}, namespace=namespace)
     owner_uid = kube.json("get", "configmap", "owner", "--namespace", namespace)["metadata"]["uid"]
     kube.apply(
@@ -225,7 +245,9 @@ def test_deleting_an_owner_collects_a_dependent_configmap(kube: Kube, namespace:
             "kind": "ConfigMap",
             "metadata": {
                 "name": "dependent",
-                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}],
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}
+                ],
             },
         },
         namespace=namespace,
@@ -234,7 +256,10 @@ def test_deleting_an_owner_collects_a_dependent_configmap(kube: Kube, namespace:
     kube.kubectl("delete", "configmap", "owner", "--namespace", namespace)
 
     wait_for(
-        lambda: kube.kubectl("get", "configmap", "dependent", "--namespace", namespace, check=False).returncode != 0,
+        lambda: (
+            kube.kubectl("get", "configmap", "dependent", "--namespace", namespace, check=False).returncode
+            != 0
+        ),
         30,
         "ConfigMap dependent to be garbage-collected",
     )
@@ -243,9 +268,17 @@ def test_deleting_an_owner_collects_a_dependent_configmap(kube: Kube, namespace:
 def test_rbac_denies_a_service_account_without_a_role(kube: Kube, namespace: str, wait_for: WaitFor) -> None:
     kube.kubectl("create", "serviceaccount", "nobody", "--namespace", namespace)
     kube.kubectl("create", "serviceaccount", "reader", "--namespace", namespace)
-    kube.kubectl("create", "role", "pod-reader", "--verb=get,list", "--resource=pods", "--namespace", namespace)
     kube.kubectl(
-        "create", "rolebinding", "reader", "--role=pod-reader", f"--serviceaccount={namespace}:reader", "--namespace", namespace
+        "create", "role", "pod-reader", "--verb=get,list", "--resource=pods", "--namespace", namespace
+    )
+    kube.kubectl(
+        "create",
+        "rolebinding",
+        "reader",
+        "--role=pod-reader",
+        f"--serviceaccount={namespace}:reader",
+        "--namespace",
+        namespace,
     )
 
     def can_list_pods(account: str) -> str:
@@ -259,4 +292,3 @@ def test_rbac_denies_a_service_account_without_a_role(kube: Kube, namespace: str
     # The same question answered "yes" once a role grants it: RBAC is evaluated, not just denying.
     wait_for(lambda: can_list_pods("reader") == "yes", 10, "RoleBinding reader to take effect")
     assert can_list_pods("nobody") == "no"
-
