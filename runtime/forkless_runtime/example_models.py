@@ -10,6 +10,7 @@ never inside the front-end.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         channels = [3, 32, 64, 64, 128, 128, 256]
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(channels, channels[1:], strict=False)):
+        for i, (cin, cout) in enumerate(itertools.pairwise(channels)):
             layers += [nn.Conv2d(cin, cout, 3, padding=1, stride=2 if i % 2 else 1), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(256, 10)

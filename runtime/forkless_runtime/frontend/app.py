@@ -107,15 +107,13 @@ class App:
                     if self._version_ok(path[len(self._v2_prefix) : -len("/infer")]):
                         return await self._infer_v2(scope, receive, send)
                 elif path == self._v1_model + ":predict":
-                    return await self._predict_v1(receive, send)
+                    return await self._predict_v1(scope, receive, send)
                 if path.startswith(("/v2/models/", "/v1/models/")):
                     return await self._unknown_model(path, send)
                 return await respond(send, 404, error_body(f"no route POST {path}"))
             if method in ("GET", "HEAD"):
                 return await self._get(path, send)
             return await respond(send, 405, error_body(f"method {method} is not allowed on {path}"))
-        except BodyTooLarge:
-            return await respond(send, 413, error_body(f"request body larger than {self.settings.max_body_mb:g} MB"))
         except ProtocolError as exc:
             return await respond(send, 400, error_body(str(exc)))
 
@@ -130,8 +128,8 @@ class App:
         if path == "/v2/health/live" or path == "/v1/health/live" or path == "/healthz":
             return await respond(send, 200, b'{"live":true}')
         if path == "/metrics":
-            body = self.metrics.render(len(self.batcher), self.pool.ready_count(), len(self.pool.workers),
-                                       self.pool.gpu_memory())
+            workers = [(w.slot, w.pid, w.ready) for w in self.pool.workers]
+            body = self.metrics.render(len(self.batcher), workers, self.pool.gpu_memory())
             return await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
         if path == "/v2":
             return await respond(send, 200, orjson.dumps({
@@ -169,7 +167,29 @@ class App:
 
     # --- inference --------------------------------------------------------------------------
     async def _infer_v2(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inference("v2", scope, receive, send, self._handle_v2)
+
+    async def _predict_v1(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inference("v1", scope, receive, send, self._handle_v1)
+
+    async def _inference(self, protocol: str, scope: Scope, receive: Receive, send: Send,
+                         handle: Callable[[Scope, bytes], Awaitable[tuple[bytes, list[tuple[bytes, bytes]]]]]) -> None:
+        """Read, decode, infer, encode; every outcome is counted and answered, none escapes."""
         started = time.perf_counter()
+        status, headers = 200, _JSON_HEADERS
+        try:
+            payload, headers = await handle(scope, await self._read_body(scope, receive))
+        except ServingError as exc:
+            status, payload, headers = exc.status, error_body(str(exc)), _error_headers(exc)
+        except ProtocolError as exc:
+            status, payload = 400, error_body(str(exc))
+        except BodyTooLarge:
+            status, payload = 413, error_body(f"request body larger than {self.settings.max_body_mb:g} MB")
+        self.metrics.requests[(protocol, status)] += 1
+        self.metrics.request_seconds.observe(time.perf_counter() - started)
+        await respond(send, status, payload, headers=headers)
+
+    async def _handle_v2(self, scope: Scope, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         header_length: int | None = None
         for key, value in scope["headers"]:
             if key == b"inference-header-content-length":
@@ -177,39 +197,17 @@ class App:
                     header_length = int(value)
                 except ValueError:
                     raise ProtocolError(f"Inference-Header-Content-Length must be an integer, got {value!r}") from None
-        body = await self._read_body(scope, receive)
         request = v2.decode_request(body, header_length)
-        status, payload, headers = 200, b"", _JSON_HEADERS
-        try:
-            outputs = await self.infer(request.inputs)
-            payload, json_length = v2.encode_response(self.model_name, request, outputs)
-            if json_length is not None:
-                headers = [(b"content-type", b"application/octet-stream"),
-                           (b"inference-header-content-length", str(json_length).encode())]
-        except ServingError as exc:
-            status, payload, headers = exc.status, error_body(str(exc)), _error_headers(exc)
-        except ProtocolError as exc:
-            status, payload = 400, error_body(str(exc))
-        self._count("v2", status, started)
-        await respond(send, status, payload, headers=headers)
+        outputs = await self.infer(request.inputs)
+        payload, json_length = v2.encode_response(self.model_name, request, outputs)
+        if json_length is None:
+            return payload, _JSON_HEADERS
+        return payload, [(b"content-type", b"application/octet-stream"),
+                         (b"inference-header-content-length", str(json_length).encode())]
 
-    async def _predict_v1(self, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        body = await self._read_body(None, receive)
+    async def _handle_v1(self, scope: Scope, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         inputs = v1.decode_request(body, (self.pool.metadata or {}).get("inputs", []))
-        status, headers = 200, _JSON_HEADERS
-        try:
-            payload = v1.encode_response(await self.infer(inputs))
-        except ServingError as exc:
-            status, payload, headers = exc.status, error_body(str(exc)), _error_headers(exc)
-        except ProtocolError as exc:
-            status, payload = 400, error_body(str(exc))
-        self._count("v1", status, started)
-        await respond(send, status, payload, headers=headers)
-
-    def _count(self, protocol: str, status: int, started: float) -> None:
-        self.metrics.requests[(protocol, status)] += 1
-        self.metrics.request_seconds.observe(time.perf_counter() - started)
+        return v1.encode_response(await self.infer(inputs)), _JSON_HEADERS
 
     async def infer(self, inputs: list[NamedTensor]) -> list[NamedTensor]:
         """Queue the inputs for the batcher and wait for this request's slice of the outputs."""
@@ -233,11 +231,10 @@ class App:
             raise
         return await future
 
-    async def _read_body(self, scope: Scope | None, receive: Receive) -> bytes:
-        if scope is not None:
-            for key, value in scope["headers"]:
-                if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                    raise BodyTooLarge
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise BodyTooLarge
         message = await receive()
         body: bytes = message.get("body", b"")
         if not message.get("more_body"):

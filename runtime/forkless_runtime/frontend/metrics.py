@@ -52,7 +52,9 @@ class Metrics:
         self.worker_restarts = 0
         self.retried_requests = 0
 
-    def render(self, queue_depth: int, workers_ready: int, workers_total: int, gpu_memory: dict[int, int]) -> bytes:
+    def render(self, queue_depth: int, workers: list[tuple[int, int | None, bool]], gpu_memory: dict[int, int]) -> bytes:
+        """`workers` is (slot, pid, ready) per worker slot."""
+        workers_ready = sum(1 for _, _, ready in workers if ready)
         labels = self._labels
         lines = [
             "# HELP forkless_requests_total Inference requests answered, by protocol and HTTP status.",
@@ -76,7 +78,10 @@ class Metrics:
             f"forkless_workers_ready{{{labels}}} {workers_ready}",
             "# HELP forkless_workers Worker processes configured.",
             "# TYPE forkless_workers gauge",
-            f"forkless_workers{{{labels}}} {workers_total}",
+            f"forkless_workers{{{labels}}} {len(workers)}",
+            "# HELP forkless_worker_up Whether each worker process is ready, labelled with its pid.",
+            "# TYPE forkless_worker_up gauge",
+            *(f'forkless_worker_up{{{labels},worker="{slot}",pid="{pid}"}} {int(ready)}' for slot, pid, ready in workers),
             "# HELP forkless_worker_restarts_total Workers replaced after they died.",
             "# TYPE forkless_worker_restarts_total counter",
             f"forkless_worker_restarts_total{{{labels}}} {self.worker_restarts}",

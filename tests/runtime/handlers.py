@@ -1,0 +1,63 @@
+"""Python handlers the tests serve (`--format python --handler handlers:Name`), imported only in workers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+class Doubler:
+    """Returns 2x its input and the batch size it saw, so tests can see batching happen."""
+
+    def load(self) -> None:
+        self.delay = float(os.environ.get("TEST_HANDLER_DELAY_S", "0"))
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (x,) = inputs.values()
+        if self.delay:
+            time.sleep(self.delay)
+        if (x < 0).any():
+            raise ValueError("negative inputs are not allowed by this model")
+        return {"doubled": x * 2, "batch": np.full((x.shape[0], 1), x.shape[0], dtype=np.int64),
+                "pid": np.full((x.shape[0], 1), os.getpid(), dtype=np.int64)}
+
+
+class AsyncUpper:
+    """An async handler over BYTES: upper-cases strings."""
+
+    batchable = False
+
+    async def load(self) -> None:
+        self.ready = True
+
+    async def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (x,) = inputs.values()
+        return np.array([s.upper() for s in x.reshape(-1)], dtype=object).reshape(x.shape)
+
+
+class CannotLoad:
+    def load(self) -> None:
+        raise FileNotFoundError("weights.bin is missing from the model directory")
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        raise AssertionError("never reached")
+
+
+class TorchProbe:
+    """Reports what the worker's environment looked like when torch was imported."""
+
+    def load(self) -> None:
+        import torch
+
+        self.threads = torch.get_num_threads()
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (x,) = inputs.values()
+        rows = x.shape[0]
+        return {
+            "threads": np.full((rows, 1), self.threads, dtype=np.int64),
+            "omp": np.full((rows, 1), int(os.environ.get("OMP_NUM_THREADS", "0")), dtype=np.int64),
+            "cuda_visible": np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "unset")] * rows, dtype=object),
+        }
