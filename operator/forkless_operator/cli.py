@@ -3,8 +3,9 @@
 Credentials come from the in-cluster service account, else KUBECONFIG or
 ~/.kube/config (kopf logs in through the ``kubernetes`` client, and so does
 ``forkless_operator.apply``). Peering: kopf looks for its peering object and
-runs standalone, with a log line, when the peering CRDs are not installed; pass
-``--standalone`` to skip the look-up.
+runs standalone, with a log line, when the peering CRDs are not installed
+(``--peering NAME`` makes peering mandatory instead: kopf then waits for the
+CRDs); pass ``--standalone`` to skip the look-up.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
-PEERING_NAME = "forkless-operator"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", type=int, default=9090, help="port of /metrics; 0 turns it off")
     run.add_argument("--standalone", action="store_true", help="never peer with other operator instances")
-    run.add_argument("--peering", default=PEERING_NAME, help="name of the kopf peering object for HA")
+    run.add_argument(
+        "--peering", default=None, metavar="NAME",
+        help="require this kopf peering object (HA); without it, forkless-operator is used when it exists",
+    )
     run.add_argument("--log-format", choices=("json", "plain"), default="json")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser

@@ -38,6 +38,7 @@ INSTANCE = "app.kubernetes.io/instance"
 OPERATOR = "forkless-operator"
 OWNED = {MANAGED_BY: OPERATOR}
 RETRY_DELAY_S = 10
+PEERING_NAME = "forkless-operator"
 
 ISVC = (API_VERSION, PLURAL)
 CHILD_RESOURCES = {
@@ -70,6 +71,8 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 32
+    if not settings.peering.mandatory:  # --peering NAME given on the command line wins
+        settings.peering.name = PEERING_NAME
     # Only our children and their pods are streamed, filtered by the API server.
     for selector in (*CHILD_RESOURCES.values(), PODS):
         settings.watching.label_selectors[selector] = f"{MANAGED_BY}={OPERATOR}"
