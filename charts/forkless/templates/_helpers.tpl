@@ -1,0 +1,102 @@
+{{/* The release's full name, used for every object of the chart. */}}
+{{- define "forkless.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Immutable labels: the Deployment's selector, the Services' selectors, the PDB's. */}}
+{{- define "forkless.selectorLabels" -}}
+app.kubernetes.io/name: forkless-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "forkless.labels" -}}
+{{ include "forkless.selectorLabels" . }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: forkless
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "forkless.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "forkless.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name must be set when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "forkless.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Whether the ServiceMonitor is rendered: asked for, and its API served (or forced). */}}
+{{- define "forkless.serviceMonitor" -}}
+{{- $monitor := .Values.metrics.serviceMonitor -}}
+{{- if and .Values.metrics.enabled $monitor.enabled (or $monitor.force (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor")) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Refuse combinations the schema cannot express, with a message that says what to change. */}}
+{{- define "forkless.validate" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.peering.enabled) -}}
+{{- fail "replicas > 1 needs peering.enabled=true: without kopf peering every replica reconciles every InferenceService at once" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled=true: there is nothing to scrape otherwise" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Exactly the calls the operator makes (operator/forkless_operator/handlers.py, apply.py):
+kopf watches InferenceServices and patches their annotations; status goes through
+/status by server-side apply; children are server-side applied (patch, and create
+when they do not exist yet), watched, and the optional ones (HPA, PDB) deleted;
+pods are watched for status; a pvc:// model's claim is read; kopf posts events.
+No secrets, no nodes, no configmaps.
+*/}}
+{{- define "forkless.rules" }}
+- apiGroups: [serving.forkless.dev]
+  resources: [inferenceservices]
+  verbs: [get, list, watch, patch]
+- apiGroups: [serving.forkless.dev]
+  resources: [inferenceservices/status]
+  verbs: [get, patch, update]
+# Children carry ownerReferences with blockOwnerDeletion, which clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin allow only with this.
+- apiGroups: [serving.forkless.dev]
+  resources: [inferenceservices/finalizers]
+  verbs: [update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
+{{- define "forkless.peeringRules" }}
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  verbs: [get, list, watch, patch]
+{{- end }}
