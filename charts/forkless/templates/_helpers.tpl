@@ -43,16 +43,6 @@ true
 {{- end -}}
 {{- end -}}
 
-{{/* Refuse combinations the schema cannot express, with a message that says what to change. */}}
-{{- define "forkless.validate" -}}
-{{- if and (gt (int .Values.replicas) 1) (not .Values.peering.enabled) -}}
-{{- fail "replicas > 1 needs peering.enabled=true: without kopf peering every replica reconciles every InferenceService at once" -}}
-{{- end -}}
-{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) -}}
-{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled=true: there is nothing to scrape otherwise" -}}
-{{- end -}}
-{{- end -}}
-
 {{/*
 Exactly the calls the operator makes (operator/forkless_operator/handlers.py, apply.py):
 kopf watches InferenceServices and patches their annotations; status goes through
