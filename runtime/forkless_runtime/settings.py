@@ -45,6 +45,7 @@ class Settings:
     grace_period_s: float = 30.0
     max_body_mb: float = 64.0
     max_load_attempts: int = 3
+    shm_threshold_kb: float = 16.0
     host: str = "0.0.0.0"
     port: int = 8080
     log_format: str = "text"
@@ -146,6 +147,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("grace_period_s", _non_negative_float, "on SIGTERM, how long in-flight requests may finish"),
     Flag("max_body_mb", _non_negative_float, "largest request body accepted (413 beyond)"),
     Flag("max_load_attempts", _positive_int, "consecutive failed model loads before the server exits non-zero"),
+    Flag("shm_threshold_kb", _non_negative_float,
+         "input tensors this big or bigger travel to workers through shared memory (0 turns it off)"),
     Flag("host", str, "address to listen on"),
     Flag("port", int, "port to listen on"),
     Flag("log_format", _choice("text", "json"), "text or json logs"),

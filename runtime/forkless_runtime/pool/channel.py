@@ -65,7 +65,7 @@ def pack_tensors(
             entry["bytes"] = True
         else:
             nbytes = first.dtype.itemsize * _count(shape)
-            offset = ring.allocate(nbytes) if ring is not None and nbytes >= SHM_MIN_BYTES else None
+            offset = ring.allocate(nbytes) if ring is not None and nbytes >= ring.min_bytes else None
             if offset is not None:
                 assert ring is not None
                 target = np.ndarray(shape, dtype=first.dtype, buffer=ring.buffer, offset=offset)
@@ -123,7 +123,8 @@ class _Block:
 class ShmRing:
     """A FIFO allocator over one shared-memory segment, owned and unlinked by the front-end."""
 
-    def __init__(self, size: int, name: str | None = None) -> None:
+    def __init__(self, size: int, name: str | None = None, min_bytes: int = SHM_MIN_BYTES) -> None:
+        self.min_bytes = min_bytes
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         self.name = self._shm.name
         self.size = size

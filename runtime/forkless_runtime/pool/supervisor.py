@@ -32,6 +32,7 @@ log = logging.getLogger("forkless.pool")
 _SIZE = struct.Struct("!i")  # multiprocessing.Connection's frame prefix
 RING_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF_S = 30.0
+PIPELINE_DEPTH = 2
 
 
 class _Channel(asyncio.Protocol):
@@ -146,7 +147,8 @@ class WorkerPool:
         for spec in self.plan():
             ring = None
             try:
-                ring = ShmRing(RING_BYTES)
+                if self.settings.shm_threshold_kb > 0:
+                    ring = ShmRing(RING_BYTES, min_bytes=int(self.settings.shm_threshold_kb * 1024))
             except OSError as exc:  # a tiny /dev/shm: tensors ride in the socket instead
                 log.warning("shared memory unavailable (%s); tensors will be copied through the worker socket", exc)
             spec = WorkerSpec(**{**spec.as_dict(), "ring_name": ring.name if ring else None})
@@ -175,9 +177,16 @@ class WorkerPool:
 
     # --- the Dispatcher interface the batcher drives --------------------------------------
     def idle_worker(self) -> Worker | None:
+        """The ready worker with the fewest batches in flight (least recently used on a tie), if any has room.
+
+        Each worker may hold PIPELINE_DEPTH batches: the next one waits in its socket while the
+        current one runs, so a worker never idles while the front-end is busy parsing requests.
+        """
         best: Worker | None = None
         for worker in self.workers:
-            if worker.ready and not worker.inflight and (best is None or worker.last_used < best.last_used):
+            if not worker.ready or len(worker.inflight) >= PIPELINE_DEPTH:
+                continue
+            if best is None or (len(worker.inflight), worker.last_used) < (len(best.inflight), best.last_used):
                 best = worker
         return best
 
