@@ -1,0 +1,119 @@
+"""Render then run: the container the operator renders for the CPU example, started as it is, serves.
+
+The simulated nodes run nothing, so this is where the rendered command and
+environment meet the real runtime: the command runs unchanged (``forkless-runtime
+serve`` from this virtualenv's bin), with exactly the rendered ``FORKLESS_*``
+variables; only the model URI (a local file instead of one baked into the image)
+and the listen address (a free loopback port) are changed. A ``FORKLESS_*``
+variable the runtime does not read fails the test: it would be silently ignored
+in the pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from forkless_operator.render import RUNTIME_CONTAINER, render_deployment
+from forkless_operator.settings import Settings
+from forkless_operator.spec import InferenceService
+from forkless_runtime.settings import ENV_PREFIX, FLAGS, env_name
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, "-m", "forkless_runtime.example_models", str(directory)], check=True,
+                   capture_output=True, timeout=300)
+    return directory
+
+
+def rendered_container(model: Path) -> dict[str, Any]:
+    body = yaml.safe_load((ROOT / "examples" / "mlp-cpu.yaml").read_text())
+    body["metadata"].update(namespace="default", uid="uid-1", generation=1)
+    body["spec"]["model"]["uri"] = model.as_uri()
+    deployment = render_deployment(InferenceService.model_validate(body), Settings())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == RUNTIME_CONTAINER
+    return dict(container)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_rendered_env_names_only_flags_the_runtime_reads(models: Path) -> None:
+    known = {env_name(flag.field) for flag in FLAGS}
+    rendered = {e["name"] for e in rendered_container(models / "mlp.pt")["env"]}
+    unknown = {name for name in rendered if name.startswith(ENV_PREFIX)} - known
+    assert not unknown, f"the renderer sets variables forkless-runtime does not read: {sorted(unknown)}"
+
+
+@pytest.fixture
+def served(models: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
+    container = rendered_container(models / "mlp.pt")
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = free_port()
+    env.update(FORKLESS_HOST="127.0.0.1", FORKLESS_PORT=str(port))
+    # Nothing of this environment leaks in but PATH (to find the command, as the image's PATH does) and HOME.
+    base = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": os.environ.get("HOME", "/tmp")}
+    process = subprocess.Popen(container["command"], env={**base, **env}, cwd=models)
+    try:
+        yield process, f"http://127.0.0.1:{port}", env["FORKLESS_MODEL_NAME"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_rendered_container_serves_and_stops_cleanly(served: tuple[subprocess.Popen[bytes], str, str]) -> None:
+    process, base, model = served
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            if http("GET", f"{base}/v2/health/ready")[0] == 200:
+                break
+        except OSError:
+            pass  # not listening yet
+        assert process.poll() is None, f"forkless-runtime exited {process.returncode} before it was ready"
+        assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S}s"
+        time.sleep(0.2)
+
+    request = {"inputs": [{"name": "input-0", "shape": [1, 16], "datatype": "FP32",
+                           "data": [0.1 * i for i in range(16)]}]}
+    status, answer = http("POST", f"{base}/v2/models/{model}/infer", request)
+    assert status == 200, answer
+    (output,) = answer["outputs"]
+    assert output["shape"] == [1, 3]
+    assert len(output["data"]) == 3
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
