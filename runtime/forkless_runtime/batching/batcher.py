@@ -31,6 +31,7 @@ class Request:
         self.enqueued = time.perf_counter()
         self.retried = False
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # wall-clock time.time(), comparable in the worker process
         first = inputs[0].array
         size = first.shape[0] if first.ndim else -1
         if batchable and size >= 0 and all(t.array.ndim and t.array.shape[0] == size for t in inputs):

@@ -221,6 +221,7 @@ class App:
         future = loop.create_future()
         request = Request(inputs, future, meta.get("batchable", False) and self.settings.max_batch_size > 1)
         if self.settings.request_timeout_s > 0:
+            request.deadline = time.time() + self.settings.request_timeout_s
             request.timer = loop.call_later(self.settings.request_timeout_s, _expire, future,
                                             self.settings.request_timeout_s)
         try:

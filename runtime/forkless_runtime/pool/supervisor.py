@@ -213,7 +213,11 @@ class WorkerPool:
         for request in requests:
             self.metrics.queue_seconds.observe(now - request.enqueued)
         self.metrics.batch_size.observe(size)
-        worker.channel.send(encode_frame({"t": "infer", "id": batch_id, "inputs": descriptions}, payload))
+        header: dict[str, Any] = {"t": "infer", "id": batch_id, "inputs": descriptions}
+        deadlines = [r.deadline for r in requests]
+        if None not in deadlines:  # the worker skips a batch nobody waits for any more
+            header["deadline"] = max(deadlines)  # type: ignore[type-var]
+        worker.channel.send(encode_frame(header, payload))
 
     # --- frames from workers -----------------------------------------------------------------
     def _on_frame(self, worker: Worker, frame: bytes) -> None:

@@ -144,6 +144,14 @@ def serve(conn: Connection, predict: Any, ring: memoryview | None, spec: WorkerS
         if header.get("t") == "stop":
             return
         batch_id = header["id"]
+        deadline = header.get("deadline")
+        if deadline is not None and time.time() > deadline:
+            reply = encode_frame({"t": "err", "id": batch_id, "error": "the request timed out before it ran"})
+            try:
+                conn.send_bytes(reply)
+            except OSError:
+                return
+            continue
         try:
             outputs = predict(unpack_tensors(header["inputs"], inline, ring))
             descriptions, payload, _ = pack_tensors([(t.name, [t.array]) for t in outputs])
