@@ -61,3 +61,18 @@ class TorchProbe:
             "omp": np.full((rows, 1), int(os.environ.get("OMP_NUM_THREADS", "0")), dtype=np.int64),
             "cuda_visible": np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "unset")] * rows, dtype=object),
         }
+
+
+class GpuHog:
+    """Allocates as many GiB of GPU memory as its input asks: shows the per-worker memory cap."""
+
+    def load(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (gib,) = inputs.values()
+        block = self.torch.empty(int(float(gib.reshape(-1)[0]) * 2**30), dtype=self.torch.uint8, device="cuda")
+        del block
+        return np.ones((gib.shape[0], 1), dtype=np.float32)
