@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODELS := .models
 PORT ?= 8080
 
-.PHONY: venv run serve test test-fast lint bench models clean
+.PHONY: venv run run-runtime serve test test-fast lint bench models clean
 
 venv: $(VENV)/.installed
 
@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 models: venv
 	@$(PY) -m forkless_runtime.example_models $(MODELS)
 
+run: run-runtime
+
 # Serve the example MLP with two spawned workers, send it a request, print the answer, stop.
-run: models
+run-runtime: models
 	@$(PY) hack/demo-runtime.py --model $(MODELS)/mlp.pt --port $(PORT)
 
 serve: models
