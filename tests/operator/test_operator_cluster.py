@@ -1,17 +1,25 @@
-"""The CRD and the operator against the real local control plane (simulated GPU nodes by kwok)."""
+"""The CRD and the operator against the real local control plane (simulated GPU nodes by kwok).
+
+One operator process serves the whole module, watching all namespaces as the
+chart runs it; each test works in its own namespace. The restart test stops and
+starts that same process. Every wait polls with a deadline.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from forkless_operator.apply import FIELD_MANAGER
 from forkless_operator.crd import CRD_FILENAME
 from test_operator_spec import INVALID_EXAMPLES  # tests/operator is on sys.path (rootdir-less test dirs)
 
@@ -23,47 +31,151 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / CRD_FILENAME
 EXAMPLES = ROOT / "examples"
+ISVC = "inferenceservices.serving.forkless.dev"
+CHILD_KINDS = "deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
+# Field managers of the clients these tests write with; the operator and kopf are none of them.
+TEST_MANAGERS = {"forkless-tests", "kubectl", "kubectl-client-side-apply", "kubectl-patch"}
+STABLE_S = 3.0  # how long "nothing changes" is watched for
+
+Wait = Callable[..., Any]
 
 
 @pytest.fixture(scope="module")
 def crd(kube: Kube) -> None:
     kube.kubectl("apply", "--server-side", "--field-manager=forkless-tests", "-f", str(CRD_PATH))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                 "crd/inferenceservices.serving.forkless.dev")
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{ISVC}")
 
 
-def example(name: str) -> dict[str, Any]:
-    return yaml.safe_load((EXAMPLES / name).read_text())
+class Operator:
+    """``forkless-operator run --all-namespaces`` as a subprocess, logging to a file; stop() and start() again."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "the operator is already running"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "forkless_operator.cli", "run", "--all-namespaces", "--standalone",
+                 "--metrics-port", "0", "--log-format", "plain"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
 
-def get_isvc(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
-    return kube.json("get", "inferenceservices.serving.forkless.dev", name, "-n", namespace)
-
-
-def ready(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
-    body = get_isvc(kube, namespace, name)
-    conditions = {c["type"]: c for c in body.get("status", {}).get("conditions", [])}
-    return conditions.get("Ready")
+@pytest.fixture(scope="module")
+def operator(kube: Kube, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    handle = Operator({**kube.env, "FORKLESS_OPERATOR_RUNTIME_IMAGE": "forkless-runtime:test"}, log)
+    handle.start()
+    yield handle
+    handle.stop()
+    if os.environ.get("FORKLESS_SHOW_OPERATOR_LOG"):
+        print(log.read_text()[-20000:])
 
 
 @pytest.fixture
-def operator(kube: Kube, crd: None, namespace: str) -> Iterator[subprocess.Popen[str]]:
-    """The operator as users run it, watching only this test's namespace."""
-    env = {**kube.env, "FORKLESS_OPERATOR_RUNTIME_IMAGE": "forkless-runtime:test"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "forkless_operator.cli", "run", "-n", namespace, "--standalone",
-         "--metrics-port", "0", "--log-format", "plain"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )
-    yield process
-    process.terminate()
-    try:
-        output, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    if os.environ.get("FORKLESS_SHOW_OPERATOR_LOG"):
-        print(output[-20000:])
+def running(operator: Operator) -> Operator:
+    """The module's operator, started again if a failed test left it stopped."""
+    if not operator.alive():
+        operator.start()
+    return operator
+
+
+# --- reading the cluster --------------------------------------------------------------------------
+
+
+def example(name: str, rename: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    if rename:
+        body["metadata"]["name"] = rename
+    return body
+
+
+def get_isvc(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return kube.json("get", ISVC, name, "-n", namespace, "--show-managed-fields")  # type: ignore[no-any-return]
+
+
+def conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in body.get("status", {}).get("conditions", [])}
+
+
+def ready(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
+    return conditions(get_isvc(kube, namespace, name)).get("Ready")
+
+
+def settled(kube: Kube, namespace: str, name: str, condition: str = "Ready") -> dict[str, Any] | None:
+    """The InferenceService once ``condition`` is True for its current generation, everywhere; else None."""
+    body = get_isvc(kube, namespace, name)
+    generation = body["metadata"]["generation"]
+    found = conditions(body).get(condition)
+    if (
+        found
+        and found["status"] == "True"
+        and found.get("observedGeneration") == generation
+        and body["status"].get("observedGeneration") == generation
+        and all(c.get("observedGeneration") == generation for c in conditions(body).values())
+    ):
+        return body
+    return None
+
+
+def deployment(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return kube.json("get", "deployment", name, "-n", namespace, "--show-managed-fields")  # type: ignore[no-any-return]
+
+
+def env_of(deploy: dict[str, Any]) -> dict[str, str]:
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def children(kube: Kube, namespace: str, kinds: str = CHILD_KINDS) -> list[str]:
+    """kind/name of everything in ``namespace`` that carries the operator's labels (pods and ReplicaSets too)."""
+    result = kube.kubectl("get", kinds, "-n", namespace, "-l", "app.kubernetes.io/managed-by=forkless-operator",
+                          "-o", "name")
+    return sorted(result.stdout.split())
+
+
+def managers_of(body: dict[str, Any], field: str) -> set[str]:
+    """Field managers that own anything under top-level ``field`` (``spec``, ``status``)."""
+    return {
+        entry["manager"]
+        for entry in body["metadata"].get("managedFields", [])
+        if f"f:{field}" in (entry.get("fieldsV1") or {})
+    }
+
+
+def assert_operator_never_wrote_spec(body: dict[str, Any]) -> None:
+    assert managers_of(body, "spec") <= TEST_MANAGERS, body["metadata"]["managedFields"]
+    assert FIELD_MANAGER in managers_of(body, "status"), body["metadata"]["managedFields"]
+
+
+def stays(read: Callable[[], Any], seconds: float = STABLE_S, interval: float = 0.2) -> Any:
+    """Read ``read()`` repeatedly for ``seconds``; fail if it ever differs from the first value; return it."""
+    first = read()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = read()
+        assert now == first, f"changed while it should have stayed put: {first!r} -> {now!r}"
+    return first
+
+
+# --- tests ----------------------------------------------------------------------------------------
 
 
 def test_examples_pass_server_side_dry_run(kube: Kube, crd: None, namespace: str) -> None:
@@ -82,7 +194,7 @@ def test_invalid_examples_are_rejected_with_their_message(
 
 
 def test_gpu_service_becomes_ready_and_repairs_drift(
-    kube: Kube, namespace: str, operator: subprocess.Popen[str], wait_for: Callable[..., Any]
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
 ) -> None:
     body = example("cnn-gpu.yaml")
     body["spec"]["model"]["uri"] = "file:///models/resnet50.pt2"  # no PVC provisioner in the local cluster
@@ -97,23 +209,21 @@ def test_gpu_service_becomes_ready_and_repairs_drift(
     assert {p["spec"]["nodeName"].startswith("gpu-node-") for p in pods} == {True}
 
     # Drift: a deleted Deployment comes back.
-    uid = kube.json("get", "deployment", "cnn-gpu", "-n", namespace)["metadata"]["uid"]
+    uid = deployment(kube, namespace, "cnn-gpu")["metadata"]["uid"]
     kube.kubectl("delete", "deployment", "cnn-gpu", "-n", namespace, "--wait=false")
     wait_for(lambda: (d := kube.kubectl("get", "deployment", "cnn-gpu", "-n", namespace, "-o",
                                         "jsonpath={.metadata.uid}", check=False)).returncode == 0
              and d.stdout not in ("", uid), 60, "the Deployment re-created")
 
     # Scale subresource.
-    kube.kubectl("scale", "inferenceservices.serving.forkless.dev/cnn-gpu", "--replicas=1", "-n", namespace)
-    wait_for(lambda: kube.json("get", "deployment", "cnn-gpu", "-n", namespace)["spec"]["replicas"] == 1,
-             60, "Deployment scaled to 1")
+    kube.kubectl("scale", f"{ISVC}/cnn-gpu", "--replicas=1", "-n", namespace)
+    wait_for(lambda: deployment(kube, namespace, "cnn-gpu")["spec"]["replicas"] == 1, 60, "Deployment scaled to 1")
 
 
 def test_unschedulable_is_surfaced_with_the_scheduler_message(
-    kube: Kube, namespace: str, operator: subprocess.Popen[str], wait_for: Callable[..., Any]
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
 ) -> None:
-    body = copy.deepcopy(example("cnn-gpu.yaml"))
-    body["metadata"]["name"] = "too-big"
+    body = copy.deepcopy(example("cnn-gpu.yaml", rename="too-big"))
     body["spec"]["model"]["uri"] = "file:///models/resnet50.pt2"
     body["spec"]["replicas"] = 1
     body["spec"]["resources"]["gpus"] = 16  # more than any simulated node has
@@ -123,3 +233,159 @@ def test_unschedulable_is_surfaced_with_the_scheduler_message(
                          60, "too-big Unschedulable")
     assert condition["status"] == "False"
     assert "Insufficient nvidia.com/gpu" in condition["message"]
+
+
+def test_spec_change_rolls_the_deployment(kube: Kube, namespace: str, running: Operator, wait_for: Wait) -> None:
+    kube.apply(example("mlp-cpu.yaml"), namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "mlp-cpu"), 60, "mlp-cpu Ready for generation 1")
+    before = deployment(kube, namespace, "mlp-cpu")
+    assert env_of(before)["FORKLESS_WORKERS"] == "2" and env_of(before)["FORKLESS_MAX_BATCH_SIZE"] == "16"
+
+    kube.kubectl("patch", ISVC, "mlp-cpu", "-n", namespace, "--type=merge",
+                 "-p", json.dumps({"spec": {"runtime": {"workers": 3, "batching": {"maxBatchSize": 8}}}}))
+    body = wait_for(lambda: settled(kube, namespace, "mlp-cpu"), 60, "mlp-cpu Ready for generation 2")
+    assert body["metadata"]["generation"] == 2 and body["status"]["workers"] == 3
+
+    after = deployment(kube, namespace, "mlp-cpu")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]  # rolled, not re-created
+    assert after["metadata"]["generation"] > before["metadata"]["generation"]
+    assert env_of(after)["FORKLESS_WORKERS"] == "3" and env_of(after)["FORKLESS_MAX_BATCH_SIZE"] == "8"
+    # Ready means the rollout finished: the pods of the new template are the available ones.
+    assert after["status"]["observedGeneration"] == after["metadata"]["generation"]
+    assert after["status"]["updatedReplicas"] == after["status"]["availableReplicas"] == 1
+    replica_sets = kube.json("get", "replicasets", "-n", namespace, "-l", "app.kubernetes.io/instance=mlp-cpu")
+    live = [rs for rs in replica_sets["items"] if rs["spec"]["replicas"] > 0]
+    assert len(replica_sets["items"]) == 2 and len(live) == 1
+    assert env_of(live[0])["FORKLESS_WORKERS"] == "3"
+    assert_operator_never_wrote_spec(body)
+
+
+def test_edited_children_are_repaired(kube: Kube, namespace: str, running: Operator, wait_for: Wait) -> None:
+    kube.apply(example("mlp-cpu.yaml"), namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "mlp-cpu"), 60, "mlp-cpu Ready")
+    rendered = deployment(kube, namespace, "mlp-cpu")
+    selector = kube.json("get", "service", "mlp-cpu", "-n", namespace)["spec"]["selector"]
+
+    kube.kubectl("set", "env", "deployment/mlp-cpu", "-n", namespace, "FORKLESS_WORKERS=9")
+    kube.kubectl("scale", "deployment/mlp-cpu", "-n", namespace, "--replicas=4")
+    kube.kubectl("patch", "service", "mlp-cpu", "-n", namespace, "--type=merge",
+                 "-p", json.dumps({"spec": {"selector": {"app.kubernetes.io/instance": "elsewhere"}}}))
+
+    def repaired() -> bool:
+        now = deployment(kube, namespace, "mlp-cpu")
+        service = kube.json("get", "service", "mlp-cpu", "-n", namespace)
+        return (env_of(now) == env_of(rendered) and now["spec"]["replicas"] == 1
+                and service["spec"]["selector"] == selector)
+
+    wait_for(repaired, 60, "the edited Deployment and Service applied again")
+    body = wait_for(lambda: settled(kube, namespace, "mlp-cpu"), 60, "mlp-cpu Ready after the repair")
+    assert body["metadata"]["generation"] == 1
+    assert_operator_never_wrote_spec(body)
+
+
+def test_autoscaling_leaves_replicas_to_the_hpa(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    kube.apply(example("autoscaled.yaml"), namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "autoscaled", "Reconciled"), 60, "autoscaled Reconciled")
+    hpa = kube.json("get", "horizontalpodautoscaler", "autoscaled", "-n", namespace)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "autoscaled"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+
+    def operator_owns_replicas() -> bool:
+        deploy = deployment(kube, namespace, "autoscaled")
+        (entry,) = [e for e in deploy["metadata"]["managedFields"] if e["manager"] == FIELD_MANAGER]
+        return "f:replicas" in entry["fieldsV1"]["f:spec"]
+
+    assert not operator_owns_replicas()
+
+    # Scale the Deployment as the HPA does (through /scale), then edit it so that the operator
+    # must apply it again; once the edit is undone, the HPA's replicas must still stand.
+    kube.kubectl("scale", "deployment/autoscaled", "-n", namespace, "--replicas=3")
+    kube.kubectl("set", "env", "deployment/autoscaled", "-n", namespace, "FORKLESS_WORKERS=9")
+    wait_for(lambda: env_of(deployment(kube, namespace, "autoscaled"))["FORKLESS_WORKERS"] == "2", 60,
+             "the edited env applied again")
+    assert deployment(kube, namespace, "autoscaled")["spec"]["replicas"] == 3
+    assert not operator_owns_replicas()
+    body = wait_for(lambda: (b := settled(kube, namespace, "autoscaled")) and b["status"]["readyReplicas"] == 3 and b,
+                    60, "autoscaled Ready with the 3 replicas the HPA would have set")
+    assert body["status"]["replicaSummary"] == "3/3"
+
+
+def test_applying_the_same_file_again_changes_nothing(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    path = str(EXAMPLES / "mlp-cpu.yaml")
+    kube.kubectl("apply", "-n", namespace, "-f", path)
+    ssa = yaml.safe_dump(example("mlp-cpu.yaml", rename="mlp-ssa"))
+    kube.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=ssa)
+    for name in ("mlp-cpu", "mlp-ssa"):
+        wait_for(lambda name=name: settled(kube, namespace, name), 60, f"{name} Ready")
+
+    def versions() -> tuple[tuple[str, int], ...]:
+        items = kube.json("get", ISVC, "-n", namespace)["items"]
+        return tuple((i["metadata"]["resourceVersion"], i["metadata"]["generation"]) for i in items)
+
+    # Once Ready, the operator has said all it has to say: the objects stop changing...
+    def quiet() -> tuple[tuple[str, int], ...] | None:
+        try:
+            return stays(versions, 1.0)  # type: ignore[no-any-return]
+        except AssertionError:
+            return None
+
+    before = wait_for(quiet, 30, "the InferenceServices to stop changing")
+    # ...and applying the same files again changes nothing: no generation, no status, no annotation.
+    assert "unchanged" in kube.kubectl("apply", "-n", namespace, "-f", path).stdout
+    kube.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=ssa)
+    assert stays(versions) == before
+    assert all(generation == 1 for _, generation in before)
+    for name in ("mlp-cpu", "mlp-ssa"):
+        assert_operator_never_wrote_spec(get_isvc(kube, namespace, name))
+
+
+def test_operator_restart_resumes_without_duplicates(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    kube.apply(example("mlp-cpu.yaml"), namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "mlp-cpu"), 60, "mlp-cpu Ready")
+    uid = deployment(kube, namespace, "mlp-cpu")["metadata"]["uid"]
+
+    running.stop()
+    try:
+        # While no operator runs: a spec change, a new object and an edited child.
+        kube.kubectl("patch", ISVC, "mlp-cpu", "-n", namespace, "--type=merge",
+                     "-p", json.dumps({"spec": {"runtime": {"workers": 3}}}))
+        kube.apply(example("mlp-cpu.yaml", rename="second"), namespace=namespace)
+        kube.kubectl("set", "env", "deployment/mlp-cpu", "-n", namespace, "FORKLESS_MAX_QUEUE=1")
+        assert conditions(get_isvc(kube, namespace, "second")) == {}  # nobody acted on it
+    finally:
+        running.start()
+
+    for name in ("mlp-cpu", "second"):
+        wait_for(lambda name=name: settled(kube, namespace, name), 60, f"{name} Ready after the restart")
+    first = deployment(kube, namespace, "mlp-cpu")
+    assert first["metadata"]["uid"] == uid
+    assert env_of(first)["FORKLESS_WORKERS"] == "3"
+    assert get_isvc(kube, namespace, "mlp-cpu")["status"]["observedGeneration"] == 2
+
+    # Nothing duplicated: one Deployment and one Service each, one set of conditions, one owner.
+    assert children(kube, namespace, "deployments,services") == [
+        "deployment.apps/mlp-cpu", "deployment.apps/second", "service/mlp-cpu", "service/second"]
+    for name in ("mlp-cpu", "second"):
+        body = get_isvc(kube, namespace, name)
+        assert [c["type"] for c in body["status"]["conditions"]] == ["Ready", "Reconciled"]
+        deploy = deployment(kube, namespace, name)
+        assert len(deploy["metadata"]["ownerReferences"]) == 1
+        assert [e["manager"] for e in deploy["metadata"]["managedFields"]].count(FIELD_MANAGER) == 1
+        assert_operator_never_wrote_spec(body)
+
+
+def test_delete_cleans_up_children(kube: Kube, namespace: str, running: Operator, wait_for: Wait) -> None:
+    kube.apply(example("autoscaled.yaml"), namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "autoscaled", "Reconciled"), 60, "autoscaled Reconciled")
+    wait_for(lambda: len(children(kube, namespace, f"{CHILD_KINDS},pods")) == 5, 60,
+             "Deployment, Service, HPA, PDB and a pod")
+    kube.kubectl("delete", ISVC, "autoscaled", "-n", namespace)
+    # Owner references alone clean up; the garbage collector may take up to 30 s to learn a new CRD.
+    wait_for(lambda: children(kube, namespace, f"{CHILD_KINDS},replicasets,pods") == [], 60,
+             "every child garbage-collected")
