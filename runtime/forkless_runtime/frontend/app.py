@@ -22,6 +22,7 @@ from ..pool.supervisor import WorkerPool
 from ..protocol import v1, v2
 from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import Settings
+from . import openapi
 from .metrics import Metrics
 
 log = logging.getLogger("forkless.frontend")
@@ -131,6 +132,8 @@ class App:
             workers = [(w.slot, w.pid, w.ready) for w in self.pool.workers]
             body = self.metrics.render(len(self.batcher), workers, self.pool.gpu_memory())
             return await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
+        if path == "/openapi.json":
+            return await respond(send, 200, orjson.dumps(openapi.document(self.model_name, self.pool.metadata)))
         if path == "/v2":
             return await respond(send, 200, orjson.dumps({
                 "name": "forkless-runtime", "version": __version__, "extensions": ["binary_tensor_data"]}))

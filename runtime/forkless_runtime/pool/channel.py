@@ -35,7 +35,7 @@ def encode_frame(header: dict[str, Any], payload: list[bytes | memoryview] | Non
     return b"".join([_U32.pack(len(head)), head, *(payload or ())])
 
 
-def decode_frame(frame: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
+def decode_frame(frame: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(frame)
     (length,) = _U32.unpack_from(view, 0)
     return orjson.loads(view[4 : 4 + length]), view[4 + length :]
@@ -78,7 +78,7 @@ def pack_tensors(
                 descriptions.append(entry)
                 continue
             joined = np.concatenate(parts, axis=0) if len(parts) > 1 else np.ascontiguousarray(first)
-            blob = memoryview(joined).cast("B") if joined.size else b""
+            blob = joined.data.cast("B") if joined.size else b""
         entry["inline"] = [inline_offset, len(blob)]
         inline_offset += len(blob)
         payload.append(blob)
@@ -128,7 +128,7 @@ class ShmRing:
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         self.name = self._shm.name
         self.size = size
-        self.buffer = self._shm.buf
+        self.buffer: memoryview | None = self._shm.buf
         self._blocks: deque[_Block] = deque()
         self._head = 0  # next free byte
 
@@ -171,7 +171,7 @@ class ShmRing:
         self._head = 0
 
     def close(self) -> None:
-        self.buffer = None  # type: ignore[assignment]
+        self.buffer = None
         with contextlib.suppress(BufferError):
             self._shm.close()
         with contextlib.suppress(FileNotFoundError):

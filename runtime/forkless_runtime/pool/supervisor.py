@@ -108,7 +108,7 @@ class WorkerPool:
         self.batcher = batcher
         self.metrics = metrics
         self.on_fatal = on_fatal
-        self.context = multiprocessing.get_context(settings.start_method)
+        self.context: Any = multiprocessing.get_context(settings.start_method)
         self.metadata: dict[str, Any] | None = None
         self.workers: list[Worker] = []
         self._next_batch = 0
