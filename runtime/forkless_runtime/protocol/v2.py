@@ -82,6 +82,10 @@ def decode_json_tensor(name: str, datatype: str, shape: tuple[int, ...], data: A
         array = np.array(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise ProtocolError(f"input {name!r}: data is not valid {datatype}: {exc}") from None
+    # JSON has no NaN literal: a NaN here came from a null or a string ("nan"), which numpy converts
+    # silently; the model would answer NaNs (sent back as nulls) for what is the client's mistake.
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise ProtocolError(f"input {name!r}: data is not valid {datatype}: null or a non-number string among the numbers")
     if array.size != count:
         raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} elements, got {array.size}")
     return array.reshape(shape)
