@@ -8,10 +8,13 @@ whether requests may be concatenated along the first dimension.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
+import pickle
 import re
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +107,57 @@ def _torch_datatype(dtype: Any) -> str:
         return ""
 
 
+NOT_A_PICKLE_LOADER = (
+    "forkless never unpickles model files: save the model with torch.jit.save (TorchScript), "
+    "torch.export.save (.pt2) or as ONNX, or serve your own code with --format python --handler"
+)
+
+
+def refuse_pickled_checkpoint(path: str, fmt: str) -> None:
+    """A torch.save() checkpoint is a pickle: name it for what it is instead of torch's "corrupted file"."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a {fmt} archive (not even a zip file); {NOT_A_PICKLE_LOADER}")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names) and not any(
+        name.endswith(("/constants.pkl", "/archive_format")) for name in names
+    ):
+        raise ValueError(f"{path} is a torch.save() checkpoint (a pickle), not a {fmt} archive; {NOT_A_PICKLE_LOADER}")
+
+
+@contextlib.contextmanager
+def no_arbitrary_unpickling() -> Iterator[None]:
+    """While a .pt2 loads, torch.load is weights-only and plain unpickling is refused.
+
+    torch.export.load unpickles with weights_only=False whatever the archive's configs mark
+    `use_pickle`, and pickle.loads "opaque" constants: a crafted .pt2 would run code in the worker.
+    Tensors still load (weights-only unpickling takes them); anything else is refused.
+    """
+    import torch
+
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(f"the archive holds a pickled object; {NOT_A_PICKLE_LOADER}")
+
+    saved = (pickle.load, pickle.loads)
+    torch.load = weights_only_load  # type: ignore[assignment]
+    pickle.load, pickle.loads = refuse, refuse
+    try:
+        yield
+    finally:
+        torch.load = real_load
+        pickle.load, pickle.loads = saved
+
+
 def load_torchscript(path: str, device: str) -> LoadedModel:
     import torch
 
+    refuse_pickled_checkpoint(path, "TorchScript")
     module = torch.jit.load(path, map_location=device)
     module.eval()
     arguments = [arg.name for arg in module.forward.schema.arguments[1:]]
@@ -117,7 +168,9 @@ def load_torchscript(path: str, device: str) -> LoadedModel:
 def load_torch_export(path: str, device: str) -> LoadedModel:
     import torch
 
-    program = torch.export.load(path)
+    refuse_pickled_checkpoint(path, "torch.export")
+    with no_arbitrary_unpickling():
+        program = torch.export.load(path)
     placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     inputs: list[TensorSpec] = []
     batchable = True
@@ -205,10 +258,13 @@ def import_handler(path: str) -> type:
         raise ValueError(f"handler must look like 'package.module:ClassName', got {path!r}")
     module_name, class_name = path.split(":")
     module = importlib.import_module(module_name)
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no class {class_name!r}") from None
+    handler = getattr(module, class_name, None)
+    if handler is None:
+        raise ValueError(f"module {module_name!r} has no class {class_name!r}")
+    # Refuse any other callable (os:system, os:fork, builtins:exit): the worker would call it.
+    if not inspect.isclass(handler) or not callable(getattr(handler, "predict", None)):
+        raise ValueError(f"handler {path!r} must name a class with a predict(inputs) method")
+    return handler
 
 
 def load_python(handler: str, model_path: str, device: str) -> LoadedModel:
