@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODELS := .models
 PORT ?= 8080
 
-.PHONY: venv run run-runtime serve test test-fast lint bench models clean
+.PHONY: venv run run-runtime serve test test-fast lint bench reliability models clean
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ lint: venv
 
 bench: venv
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Fuzz, soak with worker kills, overload; writes bench/results/reliability.md (RELIABILITY_ARGS="--duration 600").
+reliability: venv
+	$(PY) bench/reliability.py $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache
