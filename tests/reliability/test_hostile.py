@@ -250,3 +250,13 @@ def test_clients_that_disconnect_while_their_request_runs_leave_nothing_behind(s
     answer = server.client.post("/v2/models/doubler/infer", json=v2_body(np.ones((1, 2), dtype=np.float32)))
     assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [2.0, 2.0]
     assert "Exception in ASGI application" not in server.log()
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v2/models/mlp/infer"), ("POST", "/v2/models/mlp/explain"),
+                                              ("POST", "/v1/models/mlp:explain")])
+def test_a_wrong_route_on_the_served_model_does_not_call_it_unknown(server, method, path):
+    answer = server.client.request(method, path, json=v2_body(X))
+    assert answer.status_code == 404
+    assert "unknown model" not in answer.json()["error"], answer.text
+    answer = server.client.post("/v2/models/other/infer", json=v2_body(X))
+    assert answer.status_code == 404 and "unknown model 'other'" in answer.json()["error"]

@@ -154,6 +154,8 @@ class App:
 
     async def _unknown_model(self, path: str, send: Send) -> None:
         name = path.split("/")[3].split(":")[0] if path.count("/") >= 3 else ""
+        if name == self.model_name:  # the model exists; the rest of the path does not (GET .../infer)
+            return await respond(send, 404, error_body(f"no such route for model {name!r}: {path}"))
         await respond(send, 404, error_body(f"unknown model {name!r}; this server serves {self.model_name!r}"))
 
     def model_metadata(self) -> dict[str, Any]:
