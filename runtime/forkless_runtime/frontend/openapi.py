@@ -27,7 +27,7 @@ _ERRORS: dict[str, tuple[str, bool]] = {  # status -> (when, carries Retry-After
     "400": ("The request is malformed: bad JSON, or a shape, datatype or element count the model cannot take.",
             False),
     "404": ("No such route, or a model this server does not serve.", False),
-    "405": ("The route does not take this method.", False),
+    "405": ("A method other than GET, HEAD or POST.", False),
     "413": ("The body is larger than --max-body-mb.", False),
     "500": ("The model raised on this request; the message is the model's. The worker keeps serving.", False),
     "503": ("Not ready, shutting down, queue full (--max-queue) or the request's worker died twice: retry "
@@ -255,5 +255,6 @@ def document(model_name: str, metadata: dict[str, Any] | None = None) -> dict[st
             "/openapi.json": {"get": {"summary": "This document", "responses": {
                 "200": {"description": "OpenAPI 3.0", "content": _json({"type": "object"})}}}},
         },
-        "components": {"schemas": _SCHEMAS},
+        # Every error answer, 405 included (a method other than GET, HEAD or POST on any path).
+        "components": {"schemas": _SCHEMAS, "responses": {f"Error{status}": _error_response(status) for status in _ERRORS}},
     }
