@@ -227,6 +227,23 @@ def _fail_permanently(kube: Kube, body: kopf.Body, key: Key, generation: int, re
     raise kopf.PermanentError(message)
 
 
+def freshest_deployment(
+    applied: Mapping[str, Any] | None, indexed: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The Deployment a reconcile judges readiness by: the watch's view when it has the applied generation.
+
+    The apply response carries the status as it was when the spec was applied. Under load the
+    Deployment can become available before the reconcile writes its first status; the watch events
+    that said so reached ``refresh_status`` while there was no status yet, and were dropped. The
+    index already holds what they carried (kopf indexes an event before its handlers run), so it is
+    read under the status lock; any event indexed later finds the status written and refreshes it.
+    """
+    if applied is None or indexed is None:
+        return applied or indexed
+    same_generation = indexed.get("metadata", {}).get("generation") == applied.get("metadata", {}).get("generation")
+    return indexed if same_generation else applied
+
+
 @kopf.on.resume(*ISVC)
 @kopf.on.create(*ISVC)
 @kopf.on.update(*ISVC, field="spec")
@@ -243,6 +260,7 @@ def reconcile(
     kube = get_kube()
     key = (namespace or "", name)
     pod_index: Index = kwargs["pod_index"]
+    deployment_index: Index = kwargs["deployment_index"]
     generation = int(body.metadata.get("generation") or 0)
     try:
         isvc = _parse(body)
@@ -261,7 +279,7 @@ def reconcile(
         with BOOK.lock(key):
             status = compute_status(
                 isvc,
-                applied.get("Deployment"),
+                freshest_deployment(applied.get("Deployment"), _first(deployment_index, key)),
                 pod_index.get(key, []),
                 generation,
                 reconciled=APPLIED,
