@@ -122,6 +122,14 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(serve, models):
     assert server.metric("forkless_requests_total") >= len(cases) - 3
 
 
+def test_bytes_sent_to_a_torchscript_model_is_a_400(serve, models):
+    server = serve("--model-name", "mlp", "--model-uri", str(models / "mlp.pt"))
+    answer = server.client.post("/v2/models/mlp/infer", json={
+        "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]})
+    assert answer.status_code == 400
+    assert "numeric tensors, not BYTES" in answer.json()["error"]
+
+
 def test_a_model_error_is_a_500_with_its_message_and_the_worker_survives(serve):
     server = serve("--model-name", "doubler", "--format", "python", "--handler", "handlers:Doubler")
     pids = server.worker_pids()

@@ -221,7 +221,7 @@ class App:
         meta = self.pool.metadata
         if meta is None:
             raise NotReady("the model is still loading" if self.fatal_error is None else self.fatal_error)
-        check_inputs(inputs, meta.get("inputs") or [])
+        check_inputs(inputs, meta.get("inputs") or [], meta.get("platform", ""))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         request = Request(inputs, future, meta.get("batchable", False) and self.settings.max_batch_size > 1)
@@ -264,8 +264,12 @@ def _expire(future: asyncio.Future, timeout: float) -> None:
         future.set_exception(RequestTimeout(f"no answer within the request timeout of {timeout:g} s"))
 
 
-def check_inputs(inputs: list[NamedTensor], declared: list[dict[str, Any]]) -> None:
+def check_inputs(inputs: list[NamedTensor], declared: list[dict[str, Any]], platform: str = "") -> None:
     """Reject what the model's metadata says it cannot take, with a 400 instead of a model crash."""
+    if platform.startswith("pytorch"):
+        for tensor in inputs:
+            if tensor.array.dtype == object:
+                raise ProtocolError(f"input {tensor.name!r}: a PyTorch model takes numeric tensors, not BYTES")
     if not declared:
         return
     if len(inputs) != len(declared):
