@@ -87,14 +87,22 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
 # --- in-memory views of what the watches have seen ----------------------------------------------
 
 
+# The metadata that parsing and status computation read; not managedFields or annotations.
+INDEXED_METADATA = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp")
+
+
+def _metadata(body: kopf.Body) -> dict[str, Any]:
+    return {key: body.metadata[key] for key in INDEXED_METADATA if key in body.metadata}
+
+
 @kopf.index(*ISVC)
 def isvc_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", name): {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+    return {(namespace or "", name): {"metadata": _metadata(body), "spec": dict(body.spec), "status": dict(body.status)}}
 
 
 @kopf.index(*CHILD_RESOURCES["Deployment"], labels=OWNED)
 def deployment_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", name): {"metadata": dict(body.metadata), "spec": {"replicas": body.spec.get("replicas", 1)},
+    return {(namespace or "", name): {"metadata": _metadata(body), "spec": {"replicas": body.spec.get("replicas", 1)},
                                 "status": dict(body.status)}}
 
 
