@@ -47,10 +47,16 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("shape")
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--single", metavar="THREADS,BATCH", help="measure one cell only (for side-by-side processes)")
     args = parser.parse_args()
     shape = tuple(int(d) for d in args.shape.split(","))
     module = torch.jit.load(args.model)
     module.eval()
+    if args.single:
+        threads, batch = (int(v) for v in args.single.split(","))
+        torch.set_num_threads(threads)
+        print(json.dumps({"samples_per_s": throughput(module, batch, shape, args.seconds)}))
+        return
     cells = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ pickled to the spawned children). `--torch_threads N` sets torch's threads per p
 from __future__ import annotations
 
 import argparse
+import uuid
 
 import torch
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
@@ -35,7 +36,7 @@ class TorchScriptModel(Model):
             y = self.module(torch.from_numpy(x)).numpy()
         output = InferOutput(name="output-0", shape=list(y.shape), datatype="FP32")
         output.set_data_from_numpy(y, binary_data=False)
-        return InferResponse(model_name=self.name, infer_outputs=[output], response_id=payload.id)
+        return InferResponse(model_name=self.name, infer_outputs=[output], response_id=payload.id or str(uuid.uuid4()))
 
 
 if __name__ == "__main__":

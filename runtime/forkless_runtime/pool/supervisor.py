@@ -177,16 +177,17 @@ class WorkerPool:
 
     # --- the Dispatcher interface the batcher drives --------------------------------------
     def idle_worker(self) -> Worker | None:
-        """The ready worker with the fewest batches in flight (least recently used on a tie), if any has room.
+        """The ready worker with the fewest batches in flight, if any has room.
 
         Each worker may hold PIPELINE_DEPTH batches: the next one waits in its socket while the
         current one runs, so a worker never idles while the front-end is busy parsing requests.
+        On a tie the most recently used worker wins: at low load one worker keeps its caches warm.
         """
         best: Worker | None = None
         for worker in self.workers:
             if not worker.ready or len(worker.inflight) >= PIPELINE_DEPTH:
                 continue
-            if best is None or (len(worker.inflight), worker.last_used) < (len(best.inflight), best.last_used):
+            if best is None or (len(worker.inflight), -worker.last_used) < (len(best.inflight), -best.last_used):
                 best = worker
         return best
 
