@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 models: venv
 	@$(PY) -m forkless_runtime.example_models $(MODELS)
 
-run: run-runtime
+# The full demo: local control plane (or the chart on $KUBECONFIG's cluster), operator, an
+# InferenceService, the runtime started exactly as its Deployment renders it, one request answered.
+run: venv
+	@$(PY) hack/demo.py
 
 # Serve the example MLP with two spawned workers, send it a request, print the answer, stop.
 run-runtime: models
