@@ -33,6 +33,7 @@ serve: models
 	$(VENV)/bin/forkless-runtime serve --model-name mlp --model-uri $(MODELS)/mlp.pt --workers 2 --port $(PORT)
 
 test: venv
+	$(VENV)/bin/ruff check runtime operator tests bench hack
 	$(PY) -m pytest -q -ra
 
 test-fast: venv
@@ -42,12 +43,17 @@ lint: venv
 	$(VENV)/bin/ruff check runtime operator tests bench hack
 	$(VENV)/bin/mypy
 
+# Runtime side by side (bare model, front-end ceiling, forkless, KServe 0.21) -> bench/results/latest.md;
+# then the operator at 1000 InferenceServices -> bench/results/operator-latest.md.
 bench: venv
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/operator_scale.py $(OPERATOR_BENCH_ARGS)
 
-# Fuzz, soak with worker kills, overload; writes bench/results/reliability.md (RELIABILITY_ARGS="--duration 600").
+# Fuzz, soak with worker kills, overload (bench/results/reliability.md; RELIABILITY_ARGS="--duration 600"),
+# then the operator under faults: killed mid-burst, API server restarted, children edited by others.
 reliability: venv
 	$(PY) bench/reliability.py $(RELIABILITY_ARGS)
+	$(PY) -m pytest -q tests/reliability/test_operator_chaos.py tests/reliability/test_crd_properties.py
 
 clean:
 	rm -rf $(VENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,8 +8,9 @@ them in its thread pool, and the ``kubernetes`` client is synchronous too.
 
 Loops cannot happen: status writes do not touch ``spec``, and ``reconcile``
 reacts to ``spec`` alone; a child is re-applied only when it differs from what
-the operator last applied (its generation, or resourceVersion for kinds without
-one), and an apply that changes nothing changes neither.
+the operator last applied (a newer generation, or resourceVersion for kinds
+without one, or a label or annotation of ours changed), and an apply that
+changes nothing changes neither.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -135,7 +137,7 @@ class StatusBook:
         self._locks: dict[Key, threading.Lock] = defaultdict(threading.Lock)
         self._written: dict[Key, dict[str, Any]] = {}
         self.problems: dict[Key, Observation | None] = {}
-        self.applied: dict[tuple[str, Key], str] = {}
+        self.applied: dict[tuple[str, Key], Applied] = {}
 
     def lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -169,10 +171,44 @@ class StatusBook:
 BOOK = StatusBook()
 
 
-def _applied_marker(obj: Mapping[str, Any]) -> str:
-    """What changes when someone else edits a child: its generation, else its resourceVersion."""
-    meta = obj.get("metadata", {})
-    return str(meta.get("generation") or meta.get("resourceVersion", ""))
+@dataclass(frozen=True)
+class Applied:
+    """What the operator last applied to a child: enough to tell someone else's edit from an echo."""
+
+    generation: int | None
+    resource_version: str
+    metadata: frozenset[tuple[str, str, str]]  # ("label"|"annotation", key, value) the operator sets
+
+
+def _our_metadata(manifest: Mapping[str, Any]) -> frozenset[tuple[str, str, str]]:
+    meta = manifest.get("metadata", {})
+    return frozenset(
+        [("label", k, v) for k, v in (meta.get("labels") or {}).items()]
+        + [("annotation", k, v) for k, v in (meta.get("annotations") or {}).items()]
+    )
+
+
+def _applied_state(manifest: Mapping[str, Any], response: Mapping[str, Any]) -> Applied:
+    meta = response.get("metadata", {})
+    generation = meta.get("generation")
+    return Applied(int(generation) if generation is not None else None, str(meta.get("resourceVersion", "")),
+                   _our_metadata(manifest))
+
+
+def _drifted(known: Applied, body: Mapping[str, Any]) -> bool:
+    """Someone else changed the child: our labels/annotations differ, or its spec moved past ours.
+
+    Only a NEWER generation counts, so late events from before the operator's own repair (the
+    Deployment controller's status updates of the edited generation) do not trigger another apply.
+    Kinds without a generation (Service) fall back to the resourceVersion.
+    """
+    meta = body.get("metadata", {})
+    if not known.metadata <= _our_metadata(body):
+        return True
+    generation = meta.get("generation")
+    if known.generation is not None and generation is not None:
+        return int(generation) > known.generation
+    return str(meta.get("resourceVersion", "")) != known.resource_version
 
 
 # --- reconcile ----------------------------------------------------------------------------------
@@ -206,7 +242,7 @@ def apply_children(kube: Kube, isvc: InferenceService, *, prune: bool) -> dict[s
                 kube.delete(api_version, kind, *key)
             continue
         applied[kind] = kube.apply(manifest)
-        BOOK.applied[(kind, key)] = _applied_marker(applied[kind])
+        BOOK.applied[(kind, key)] = _applied_state(manifest, applied[kind])
     return applied
 
 
@@ -365,7 +401,7 @@ def _on_child_event(
     if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
         return  # the owner is gone or going: the garbage collector removes the children
     known = BOOK.applied.get((kind, key))
-    drifted = event_type == "DELETED" or (known is not None and known != _applied_marker(body))
+    drifted = event_type == "DELETED" or (known is not None and _drifted(known, body))
     try:
         if drifted and known is not None:
             logger.warning("%s %s/%s drifted from what the operator applied; applying it again", kind, *key)

@@ -407,10 +407,7 @@ def test_foreign_edits_are_taken_back_without_a_hot_loop(
 
 
 @pytest.mark.parametrize("label", [
-    pytest.param("app.kubernetes.io/name", marks=pytest.mark.xfail(strict=True, reason=(
-        "drift of a Deployment's metadata is not repaired: handlers._applied_marker compares "
-        "metadata.generation, which a label edit does not bump, so _on_child_event sees no drift; "
-        "the label stays edited until the next spec change or operator restart"))),
+    "app.kubernetes.io/name",  # a plain edit: no generation bump, caught by comparing our labels
     # Leaving the operator's label selector reads as DELETED on its watch, which is repaired.
     "app.kubernetes.io/managed-by",
 ])

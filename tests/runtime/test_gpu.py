@@ -10,7 +10,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from forkless_runtime.pool.resources import visible_gpus
 
 from .conftest import v2_body

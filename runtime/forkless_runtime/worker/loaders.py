@@ -145,7 +145,7 @@ def no_arbitrary_unpickling() -> Iterator[None]:
         raise pickle.UnpicklingError(f"the archive holds a pickled object; {NOT_A_PICKLE_LOADER}")
 
     saved = (pickle.load, pickle.loads)
-    torch.load = weights_only_load  # type: ignore[assignment]
+    torch.load = weights_only_load
     pickle.load, pickle.loads = refuse, refuse
     try:
         yield
