@@ -11,25 +11,24 @@ in the pod.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from forkless_operator.render import RUNTIME_CONTAINER, render_deployment
 from forkless_operator.settings import Settings
 from forkless_operator.spec import InferenceService
 from forkless_runtime.settings import ENV_PREFIX, FLAGS, env_name
+
+from tests.runtime.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -54,20 +53,9 @@ def rendered_container(model: Path) -> dict[str, Any]:
     return dict(container)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+    answer = httpx.request(method, url, json=body, timeout=10)
+    return answer.status_code, answer.json() if answer.content else {}
 
 
 def test_rendered_env_names_only_flags_the_runtime_reads(models: Path) -> None:
@@ -101,7 +89,7 @@ def test_rendered_container_serves_and_stops_cleanly(served: tuple[subprocess.Po
         try:
             if http("GET", f"{base}/v2/health/ready")[0] == 200:
                 break
-        except OSError:
+        except httpx.TransportError:
             pass  # not listening yet
         assert process.poll() is None, f"forkless-runtime exited {process.returncode} before it was ready"
         assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S}s"
