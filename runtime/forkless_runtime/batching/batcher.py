@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -56,7 +55,6 @@ class Batcher:
         self.queue: deque[Request] = deque()
         self.dispatcher: Dispatcher | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.on_batch: Callable[[int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.queue)
