@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on 127.0.0.1, with simulated GPU nodes, and no
-# containers: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-# kwok run as local processes built by hack/tools.sh. kwok plays the kubelets:
-# nodes become Ready and scheduled pods Running and Ready, so Deployments become
-# Available, while the scheduler does real bin-packing of nvidia.com/gpu.
+# A real Kubernetes control plane on this machine, with simulated GPU nodes and one real
+# node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as local
+# processes built by hack/tools.sh. kwok plays the kubelets of the GPU and CPU nodes: their
+# pods become Running and Ready without a container, while the scheduler does real
+# bin-packing of nvidia.com/gpu. The real node (hack/real-node.sh: containerd, runc, kubelet,
+# kube-proxy, a CNI bridge) runs the pods that ask for it (label and taint
+# forkless.dev/real-node=true) in real containers, from images built by hack/images.sh.
 #
 # Usage:
 #   hack/cluster.sh up       start (or reuse a running) cluster; prints `export KUBECONFIG=...`
@@ -19,6 +21,8 @@
 #   FORKLESS_GPU_NODES       simulated 8-GPU nodes (default 2), tainted nvidia.com/gpu=present:NoSchedule
 #   FORKLESS_GPUS_PER_NODE   nvidia.com/gpu per GPU node (default 8)
 #   FORKLESS_CPU_NODES       untainted nodes without GPUs (default 1)
+#   FORKLESS_REAL_NODES      1 (default): also start the real node (needs root and Debian
+#                            packages that hack/host-packages.sh installs); 0: simulated only
 #   FORKLESS_NODE_PODS       pod capacity of every node (default 1100, so 1000 pods fit on one)
 #   FORKLESS_KUBE_API_QPS, FORKLESS_KUBE_API_BURST
 #                            client rate limits of the controller-manager and scheduler (500, 1000);
@@ -29,6 +33,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=hack/real-node.sh
+source "$root/hack/real-node.sh"
 state=${FORKLESS_CLUSTER_DIR:-$root/.cluster}
 [[ $state == /* ]] || state=$PWD/$state
 bin=$root/.tools/bin
@@ -56,12 +62,14 @@ elapsed() {
 
 # ---------------------------------------------------------------- processes
 
-# Records are "name pid" lines in start order, in $state/pids.
-records() { [[ -f $state/pids ]] && cat "$state/pids" || true; }
+# Records are "name pid" lines in start order, in $pids_file: $state/pids for the control
+# plane, $state/node/pids for the real node's processes.
+pids_file=$state/pids
+records() { [[ -f ${1:-$pids_file} ]] && cat "${1:-$pids_file}" || true; }
 
-# A recorded pid counts as ours only while its command line still names our
-# state directory (every process we start gets paths in it): a pid reused by an
-# unrelated process after a reboot is neither reported nor killed.
+# A recorded pid counts as ours only while its command line still names our state directory
+# (every process we start gets paths in it): a pid reused by an unrelated process after a
+# reboot is neither reported nor killed.
 ours() {
 	local pid=$1
 	[[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/"
@@ -72,27 +80,40 @@ launch() {
 	shift
 	# setsid: the cluster outlives the shell that ran `up` (and its Ctrl-C).
 	setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
-	echo "$name $!" >>"$state/pids"
+	echo "$name $!" >>"$pids_file"
 }
 
 pid_of() { records | awk -v n="$1" '$1 == n { print $2 }'; }
 
-stop_all() {
-	local name pid deadline
-	# Reverse start order, each gone before the next is asked: kwok and the
-	# controllers before the apiserver, the apiserver before etcd.
+# stop_recorded FILE [NAME...]: stop the processes recorded in FILE (only NAMEs, if given) in
+# reverse start order, each gone before the next is asked, and forget them.
+stop_recorded() {
+	local file=$1 name pid deadline
+	shift
+	[[ -f $file ]] || return 0
 	while read -r name pid; do
-		ours "$pid" || continue
-		say "stopping $name (pid $pid)"
-		kill -TERM "$pid" 2>/dev/null || continue
-		deadline=$((SECONDS + 10))
-		while ours "$pid" && ((SECONDS < deadline)); do sleep 0.05; done
+		(($# == 0)) || [[ " $* " == *" $name "* ]] || continue
 		if ours "$pid"; then
-			say "$name ignored SIGTERM for 10s; sending SIGKILL"
-			kill -KILL "$pid" 2>/dev/null || true
+			say "stopping $name (pid $pid)"
+			kill -TERM "$pid" 2>/dev/null || true
+			deadline=$((SECONDS + 10))
+			while ours "$pid" && ((SECONDS < deadline)); do sleep 0.05; done
+			if ours "$pid"; then
+				say "$name ignored SIGTERM for 10s; sending SIGKILL"
+				kill -KILL "$pid" 2>/dev/null || true
+			fi
 		fi
-	done < <(records | tac)
-	rm -f "$state/pids"
+		sed -i "/^$name $pid\$/d" "$file"
+	done < <(tac "$file")
+	[[ -s $file ]] || rm -f "$file"
+}
+
+# The real node first (its pods need the API server to go), then the control plane: kwok and
+# the controllers before the apiserver, the apiserver before etcd.
+stop_all() {
+	real_node_stop
+	stop_recorded "$state/pids"
+	real_node_cleanup
 }
 
 # Prints the log tail of a component, stops what was started and exits 1. The
@@ -162,10 +183,17 @@ make_pki() {
 		}
 		ca ca forkless-local-ca
 		issue apiserver ca /CN=kube-apiserver "$(printf '%s\n' extendedKeyUsage=serverAuth \
-			subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local)"
+			subjectAltName=IP:127.0.0.1,IP:10.96.0.1${node_ip:+,IP:$node_ip},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local)"
 		issue admin ca /O=system:masters/CN=kubernetes-admin extendedKeyUsage=clientAuth
 		issue scheduler ca /CN=system:kube-scheduler extendedKeyUsage=clientAuth
 		issue kwok ca /O=system:masters/CN=kwok extendedKeyUsage=clientAuth
+		# The real node: its kubelet (the Node authorizer knows it by this name), its
+		# kube-proxy (bound to system:node-proxier by default), and the API server's own
+		# identity towards kubelets (logs, exec).
+		issue kubelet ca "/O=system:nodes/CN=system:node:$real_node_name" extendedKeyUsage=clientAuth
+		issue kube-proxy ca /CN=system:kube-proxy extendedKeyUsage=clientAuth
+		issue apiserver-kubelet-client ca /O=system:masters/CN=kube-apiserver-kubelet-client \
+			extendedKeyUsage=clientAuth
 		# The aggregation layer's own CA, so that the controllers find the
 		# requestheader CA bundle they look for (and log about when missing).
 		ca front-proxy-ca forkless-front-proxy-ca
@@ -243,6 +271,14 @@ is_running() {
 		count=$((count + 1))
 	done < <(records)
 	((count == 5)) || return 1 # an `up` that was interrupted half-way
+	if real_node_wanted; then
+		count=0
+		while read -r name pid; do
+			ours "$pid" || return 1
+			count=$((count + 1))
+		done < <(records "$(node_state)/pids")
+		((count == 3)) || return 1
+	fi
 	# shellcheck source=/dev/null
 	source "$state/ports"
 	apiserver_ready
@@ -273,6 +309,15 @@ up() {
 	declare -p etcd_port etcd_peer_port apiserver_port controller_manager_port scheduler_port |
 		sed 's/^declare -- //' >"$state/ports"
 
+	# With the real node, the API server listens on every address and advertises the node's
+	# address: pods reach it through the `kubernetes` Service (kube-proxy), as in a cluster.
+	node_ip=
+	local bind_address=127.0.0.1 advertise_address=127.0.0.1 endpoint_reconciler=none
+	if real_node_wanted; then
+		node_ip=$(real_node_ip)
+		[[ -n $node_ip ]] || fail kube-apiserver "no IPv4 address on a default route for the real node"
+		bind_address=0.0.0.0 advertise_address=$node_ip endpoint_reconciler=lease
+	fi
 	make_pki
 	local pki=$state/pki
 	kubeconfig "$state/kubeconfig" admin
@@ -293,14 +338,17 @@ up() {
 	# The apiserver retries etcd on its own; starting both at once saves time.
 	launch kube-apiserver "$bin/kube-apiserver" \
 		--etcd-servers="http://127.0.0.1:$etcd_port" \
-		--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$apiserver_port" \
+		--bind-address="$bind_address" --advertise-address="$advertise_address" --secure-port="$apiserver_port" \
 		--tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
 		--client-ca-file="$pki/ca.crt" \
 		--authorization-mode=Node,RBAC \
 		--service-account-issuer=https://kubernetes.default.svc.cluster.local \
 		--service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
 		--service-cluster-ip-range=10.96.0.0/16 \
-		--endpoint-reconciler-type=none \
+		--endpoint-reconciler-type="$endpoint_reconciler" \
+		--kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+		--kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+		--kubelet-preferred-address-types=InternalIP,Hostname \
 		--requestheader-client-ca-file="$pki/front-proxy-ca.crt" \
 		--requestheader-allowed-names=front-proxy-client \
 		--requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
@@ -345,6 +393,9 @@ up() {
 	# Pods cannot be created in a namespace before its default ServiceAccount exists.
 	wait_until kube-controller-manager "ServiceAccount default/default created" \
 		kubectl get serviceaccount default --namespace default
+	if real_node_wanted; then
+		real_node_up
+	fi
 
 	say "cluster ready; logs in $state/logs"
 	print_env
@@ -357,6 +408,13 @@ down_quietly() {
 			say "refusing to delete $state: it has no $marker file, so hack/cluster.sh did not create it"
 			exit 1
 		}
+		# A bind mount left inside (a pod's hostPath or local volume) would let rm reach the
+		# host's files through it.
+		if findmnt -rn -o TARGET | grep -qF -- "$state/"; then
+			say "refusing to delete $state: these are still mounted inside it:"
+			findmnt -rn -o TARGET | grep -F -- "$state/" >&2
+			exit 1
+		fi
 		rm -rf "$state"
 	fi
 }
@@ -389,16 +447,18 @@ status() {
 		kube-apiserver) port=https://127.0.0.1:${apiserver_port:-?} ;;
 		kube-controller-manager) port=https://127.0.0.1:${controller_manager_port:-?}/healthz ;;
 		kube-scheduler) port=https://127.0.0.1:${scheduler_port:-?}/healthz ;;
+		kubelet) port="node $real_node_name, healthz http://127.0.0.1:10248" ;;
+		kube-proxy) port="nftables, healthz http://127.0.0.1:10256" ;;
 		esac
 		if ours "$pid"; then
 			printf '  %-24s pid %-8s running  %s\n' "$name" "$pid" "$port" >&2
 		else
 			printf '  %-24s pid %-8s EXITED   (see %s)\n' "$name" "$pid" "$state/logs/$name.log" >&2
 		fi
-	done < <(records)
+	done < <(records; records "$(node_state)/pids")
 	if is_running; then
 		say "running in $state"
-		kubectl get nodes -L nvidia.com/gpu.product -L nvidia.com/gpu.count >&2
+		kubectl get nodes -L nvidia.com/gpu.product -L nvidia.com/gpu.count -L "$real_node_label" >&2
 		print_env
 	else
 		say "not (fully) running in $state; \`hack/cluster.sh up\` restarts it"

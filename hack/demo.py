@@ -2,17 +2,20 @@
 """`make run`: the whole system on this machine, or the chart on the cluster KUBECONFIG names.
 
 Without KUBECONFIG (no cluster configured), each step is shown as it runs:
-  1. start the local control plane (hack/cluster.sh up, state in .cluster/),
-  2. install the CRDs (kubectl apply --server-side -f crds/),
-  3. run the operator (forkless-operator run --all-namespaces; log in .cluster/operator.log),
-  4. build the example models into .models/,
-  5. apply the CPU example with its model URI pointing at .models/mlp.pt,
-  6. start the runtime locally exactly as the Deployment the operator rendered runs it: its
-     container's command and env, read back from the cluster, with FORKLESS_HOST/FORKLESS_PORT
-     set to a free loopback port (the simulated nodes run no containers),
-  7. wait for the InferenceService to be Ready and for the local runtime's /v2/health/ready,
-  8. send a V2 inference request and print the answer, then `kubectl get fisvc -A`,
-  9. stop the local runtime and the operator. The cluster keeps running: hack/cluster.sh down stops it.
+  1. start the local cluster (hack/cluster.sh up, state in .cluster/): the control plane, kwok's
+     simulated GPU and CPU nodes, and one real node (containerd, kubelet, kube-proxy);
+  2. build the runtime and operator images without Docker and import them into the real node
+     (hack/images.sh; rebuilt only when their inputs changed);
+  3. install the chart with hack/local-values.yaml: the CRDs, and the operator from its image in a
+     real pod on the real node, under its own ServiceAccount and RBAC;
+  4. build the example models into .models/ and offer them to pods as a user would: a
+     PersistentVolume (local, .models/ on the real node) bound to a PersistentVolumeClaim;
+  5. apply the CPU example (examples/mlp-cpu.yaml) with its model at pvc://forkless-models/mlp.pt,
+     scheduled on the real node;
+  6. wait until it is Ready by its pod's own readiness probe, showing the pod's progress;
+  7. send one V2 inference to the Service's ClusterIP (through kube-proxy) and print the answer;
+  8. `kubectl get fisvc` and the pods. The cluster keeps running: hack/cluster.sh down stops it.
+A second `make run` reuses the cluster, the images and the release, and takes seconds.
 
 With KUBECONFIG set: `helm upgrade --install` of charts/forkless into forkless-system (CRDs
 included), then the CPU example applied as it is, and how to watch it become Ready.
@@ -23,15 +26,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,13 +40,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".cluster"
 MODELS = ROOT / ".models"
-BIN = Path(sys.executable).parent
 EXAMPLE = ROOT / "examples" / "mlp-cpu.yaml"
+LOCAL_VALUES = ROOT / "hack" / "local-values.yaml"
 NAME = "mlp-cpu"
 NAMESPACE = "default"
 ISVC = "inferenceservices.serving.forkless.dev"
 CHART_NAMESPACE = "forkless-system"
-READY_TIMEOUT_S = 180
+RELEASE = "forkless"
+MODEL_CLAIM = "forkless-models"
+REAL_NODE_LABEL = "forkless.dev/real-node"
+READY_TIMEOUT_S = 300
 
 T = TypeVar("T")
 
@@ -57,6 +60,10 @@ class DemoError(RuntimeError):
 
 def step(message: str) -> None:
     print(f"==> {message}", flush=True)
+
+
+def note(message: str) -> None:
+    print(f"    {message}", flush=True)
 
 
 def tool(name: str) -> str:
@@ -77,6 +84,13 @@ def run(*command: str, env: dict[str, str] | None = None, input: str | None = No
     if not quiet and result.stdout.strip():
         print(result.stdout.rstrip(), flush=True)
     return result.stdout
+
+
+def run_shown(*command: str, env: dict[str, str] | None = None) -> None:
+    """A long step whose own progress lines go straight to the terminal as they come."""
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise DemoError(f"{' '.join(command)} exited {result.returncode} (its output is above)")
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
@@ -100,31 +114,6 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int
         return error.code, json.loads(error.read() or b"{}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def background(command: list[str], log: Path, env: dict[str, str], what: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A process running while the block runs, its output in ``log``; SIGTERM (then SIGKILL) after."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        yield process
-    finally:
-        step(f"stopping {what} (pid {process.pid})")
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        print(f"    exited {process.returncode}; log: {log.relative_to(ROOT)}", flush=True)
-
-
 # --- the local demo -------------------------------------------------------------------------------
 
 
@@ -142,6 +131,11 @@ class Cluster:
                                 capture_output=True, text=True, check=False)
         return json.loads(result.stdout) if result.returncode == 0 else None
 
+    def apply(self, *objects: dict[str, Any]) -> None:
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-demo", "-f", "-",
+                     input=manifest, quiet=True)
+
 
 def ready_condition(body: dict[str, Any] | None) -> dict[str, Any] | None:
     for condition in (body or {}).get("status", {}).get("conditions", []):
@@ -150,99 +144,157 @@ def ready_condition(body: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def local_runtime_command(deployment: dict[str, Any], port: int) -> tuple[list[str], dict[str, str]]:
-    """The runtime container's command and env from the Deployment, listening on 127.0.0.1:``port``."""
-    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "runtime"]
-    env: dict[str, str] = {}
-    for variable in container.get("env", []):
-        if "value" not in variable:
-            raise DemoError(f"env {variable['name']} comes from a reference, which this demo cannot resolve")
-        env[variable["name"]] = variable["value"]
-    env.update(FORKLESS_HOST="127.0.0.1", FORKLESS_PORT=str(port))
-    # The image's PATH finds forkless-runtime; here this virtualenv's bin does.
-    base = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": os.environ.get("HOME", "/tmp")}
-    return list(container["command"]) + list(container.get("args", [])), {**base, **env}
+def real_node(cluster: Cluster) -> str:
+    nodes = (cluster.get("nodes", "-l", f"{REAL_NODE_LABEL}=true") or {}).get("items", [])
+    if not nodes:
+        raise DemoError(f"no node labelled {REAL_NODE_LABEL}=true: was the cluster started with FORKLESS_REAL_NODES=0?")
+    return str(nodes[0]["metadata"]["name"])
+
+
+def real_node_scheduling() -> dict[str, Any]:
+    """spec.scheduling that puts an InferenceService's pods on the local cluster's real node."""
+    return {
+        "nodeSelector": {REAL_NODE_LABEL: "true"},
+        "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+    }
+
+
+def model_volume(models: Path, node: str, claim: str, namespace: str) -> list[dict[str, Any]]:
+    """A local PersistentVolume holding ``models`` on ``node``, and the claim bound to it (read-only)."""
+    pv_name = f"{claim}-{namespace}"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name, "labels": {"app.kubernetes.io/part-of": "forkless-demo"}},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "local": {"path": str(models)},
+                "claimRef": {"namespace": namespace, "name": claim},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv_name,
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    ]
+
+
+def pod_progress(cluster: Cluster) -> str:
+    """One line on the InferenceService's pods: node, phase, and why a container is not ready yet."""
+    pods = (cluster.get("pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={NAME}") or {}).get("items", [])
+    if not pods:
+        return "no pod yet"
+    parts = []
+    for pod in pods:
+        status = pod.get("status", {})
+        detail = status.get("phase", "?")
+        for container in status.get("initContainerStatuses", []) + status.get("containerStatuses", []):
+            state = container.get("state", {})
+            waiting = state.get("waiting") or state.get("terminated")
+            if waiting:
+                detail += f", {container['name']} {waiting.get('reason', '')}"
+            elif "running" in state:
+                detail += f", {container['name']} running{'' if container.get('ready') else ' (not ready)'}"
+        parts.append(f"{pod['metadata']['name']} on {pod['spec'].get('nodeName') or '(unscheduled)'}: {detail}")
+    return "; ".join(parts)
 
 
 def local_demo() -> None:
-    step("starting the local control plane: hack/cluster.sh up (state in .cluster/)")
-    out = run(str(ROOT / "hack" / "cluster.sh"), "up", env={**os.environ, "FORKLESS_CLUSTER_DIR": str(STATE)},
-              quiet=True)
-    print(f"    {out.strip()}", flush=True)
+    step("local cluster: hack/cluster.sh up (control plane, simulated GPU nodes, one real node; state in .cluster/)")
+    run_shown(str(ROOT / "hack" / "cluster.sh"), "up", env={**os.environ, "FORKLESS_CLUSTER_DIR": str(STATE)})
     cluster = Cluster(STATE / "kubeconfig")
+    node = real_node(cluster)
 
-    step("installing the CRDs: kubectl apply --server-side -f crds/")
-    cluster.kubectl("apply", "--server-side", "--field-manager=forkless-demo", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{ISVC}")
+    step("images: hack/images.sh (forkless-runtime, forkless-operator; rebuilt only when their inputs change)")
+    run_shown(str(ROOT / "hack" / "images.sh"), "all", "runtime", "operator",
+              env={**os.environ, "FORKLESS_CLUSTER_DIR": str(STATE)})
 
-    step("starting the operator: forkless-operator run --all-namespaces (log: .cluster/operator.log)")
-    operator_command = [str(BIN / "forkless-operator"), "run", "--all-namespaces", "--metrics-port", "0",
-                        "--log-format", "plain"]
-    with background(operator_command, STATE / "operator.log", cluster.env, "the operator") as operator:
-        step("building the example models into .models/")
-        run(sys.executable, "-m", "forkless_runtime.example_models", str(MODELS))
-        model = MODELS / "mlp.pt"
+    step(f"helm upgrade --install {RELEASE} charts/forkless -n {CHART_NAMESPACE} -f hack/local-values.yaml --wait")
+    helm_env = {**cluster.env, **helm_home(STATE / "helm")}
+    run(tool("helm"), "upgrade", "--install", RELEASE, str(ROOT / "charts" / "forkless"), "-n", CHART_NAMESPACE,
+        "--create-namespace", "-f", str(LOCAL_VALUES), "--wait", "--timeout", "180s", env=helm_env, quiet=True)
+    operator = (cluster.get("pods", "-n", CHART_NAMESPACE, "-l", "app.kubernetes.io/name=forkless") or {}).get("items", [])
+    for pod in operator:
+        note(f"operator pod {pod['metadata']['name']} on {pod['spec'].get('nodeName')}: {pod['status'].get('phase')}")
 
-        body = yaml.safe_load(EXAMPLE.read_text())
-        body["spec"]["model"]["uri"] = model.as_uri()
-        step(f"applying InferenceService {NAMESPACE}/{NAME} (examples/mlp-cpu.yaml, model uri {model.as_uri()})")
-        cluster.kubectl("apply", "--server-side", "--field-manager=forkless-demo", "-n", NAMESPACE, "-f", "-",
-                        input=yaml.safe_dump(body))
+    step("building the example models into .models/")
+    run(sys.executable, "-m", "forkless_runtime.example_models", str(MODELS), quiet=True)
+    step(f"model volume: PersistentVolume (local: {MODELS} on {node}) + claim {NAMESPACE}/{MODEL_CLAIM}")
+    cluster.apply(*model_volume(MODELS, node, MODEL_CLAIM, NAMESPACE))
 
-        step(f"waiting for the operator to create Deployment {NAMESPACE}/{NAME}")
+    body = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"]["namespace"] = NAMESPACE
+    body["spec"]["model"]["uri"] = f"pvc://{MODEL_CLAIM}/mlp.pt"
+    body["spec"]["scheduling"] = real_node_scheduling()
+    # The real node has 2 CPUs and the operator asks for some: request 1 (no CPU limit is set).
+    body["spec"]["resources"]["cpu"] = "1"
+    step(f"applying InferenceService {NAMESPACE}/{NAME} (examples/mlp-cpu.yaml with model uri "
+         f"pvc://{MODEL_CLAIM}/mlp.pt, resources.cpu 1, scheduled on {node})")
+    applied = time.monotonic()
+    cluster.apply(body)
 
-        def rendered() -> dict[str, Any] | None:
-            if operator.poll() is not None:
-                raise DemoError(f"the operator exited {operator.returncode}; see .cluster/operator.log")
-            return cluster.get("deployment", NAME, "-n", NAMESPACE)
+    step(f"waiting for InferenceService {NAME} to be Ready (its pod's readiness probe: every worker loaded)")
+    last = ""
 
-        deployment = wait_for(rendered, 60, f"Deployment {NAME}")
-        port = free_port()
-        command, env = local_runtime_command(deployment, port)
-        settings = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("FORKLESS_"))
-        step(f"starting the runtime locally as the Deployment runs it: {' '.join(command)}")
-        print(f"    with {settings}", flush=True)
-        command[0] = shutil.which(command[0], path=env["PATH"]) or command[0]
-        with background(command, STATE / f"runtime-{NAME}.log", env, "the local runtime") as runtime:
-            step(f"waiting for InferenceService {NAME} Ready (kwok runs its pod) and the runtime's /v2/health/ready")
+    def isvc_ready() -> dict[str, Any] | None:
+        nonlocal last
+        progress = pod_progress(cluster)
+        if progress != last:
+            note(f"[{time.monotonic() - applied:5.1f}s] {progress}")
+            last = progress
+        condition = ready_condition(cluster.get(ISVC, NAME, "-n", NAMESPACE))
+        return condition if condition and condition["status"] == "True" else None
 
-            def isvc_ready() -> dict[str, Any] | None:
-                condition = ready_condition(cluster.get(ISVC, NAME, "-n", NAMESPACE))
-                return condition if condition and condition["status"] == "True" else None
+    condition = wait_for(isvc_ready, READY_TIMEOUT_S, f"InferenceService {NAME} Ready")
+    note(f"Ready {time.monotonic() - applied:.1f}s after apply: {condition['reason']}: {condition['message']}")
 
-            condition = wait_for(isvc_ready, READY_TIMEOUT_S, f"InferenceService {NAME} Ready")
-            print(f"    InferenceService Ready: {condition['reason']}: {condition['message']}", flush=True)
-            base = f"http://127.0.0.1:{port}"
+    service = cluster.get("service", NAME, "-n", NAMESPACE)
+    if not service:
+        raise DemoError(f"Service {NAMESPACE}/{NAME} not found")
+    address = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+    model_name = body["spec"]["model"]["name"]
+    request = {"inputs": [{"name": "input-0", "shape": [1, 16], "datatype": "FP32",
+                           "data": [round(0.1 * i, 1) for i in range(16)]}]}
+    step(f"POST {address}/v2/models/{model_name}/infer (Service {NAME}'s ClusterIP, through kube-proxy)")
+    note(f"request: {json.dumps(request)}")
+    status, answer = wait_for(lambda: _answer(f"{address}/v2/models/{model_name}/infer", request), 30,
+                              "an answer through the Service")
+    note(f"answer ({status}): {json.dumps(answer)}")
+    if status != 200:
+        raise DemoError(f"inference answered {status}")
 
-            def runtime_ready() -> bool:
-                if runtime.poll() is not None:
-                    raise DemoError(f"the runtime exited {runtime.returncode}; see .cluster/runtime-{NAME}.log")
-                try:
-                    return http("GET", f"{base}/v2/health/ready")[0] == 200
-                except OSError:
-                    return False
-
-            wait_for(runtime_ready, READY_TIMEOUT_S, "the local runtime's /v2/health/ready")
-            print(f"    runtime ready on {base}", flush=True)
-
-            model_name = env["FORKLESS_MODEL_NAME"]
-            request = {"inputs": [{"name": "input-0", "shape": [1, 16], "datatype": "FP32",
-                                   "data": [round(0.1 * i, 1) for i in range(16)]}]}
-            step(f"POST {base}/v2/models/{model_name}/infer")
-            print(f"    request: {json.dumps(request)}", flush=True)
-            status, answer = http("POST", f"{base}/v2/models/{model_name}/infer", request)
-            print(f"    answer ({status}): {json.dumps(answer)}", flush=True)
-            if status != 200:
-                raise DemoError(f"inference answered {status}")
-
-            step("kubectl get fisvc -A")
-            cluster.kubectl("get", "fisvc", "-A")
+    step("kubectl get fisvc -A; kubectl get pods -o wide")
+    cluster.kubectl("get", "fisvc", "-A")
+    cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={NAME}", "-o", "wide")
 
     print(flush=True)
     print("The cluster is still running:", flush=True)
     print(f"  export KUBECONFIG={STATE / 'kubeconfig'}", flush=True)
-    print(f"  {cluster.kubectl_path} get fisvc,deploy,pods -A", flush=True)
+    print(f"  {cluster.kubectl_path} logs -n {NAMESPACE} deploy/{NAME}", flush=True)
     print("Stop it with: hack/cluster.sh down", flush=True)
+
+
+def _answer(url: str, request: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """The answer, or None while the Service's rules are not yet in place (kube-proxy syncs in ~1 s)."""
+    try:
+        return http("POST", url, request)
+    except OSError:
+        return None
+
+
+def helm_home(directory: Path) -> dict[str, str]:
+    """Helm's config, cache and data of this cluster only: nothing of the user's Helm set-up leaks in."""
+    return {"HELM_CONFIG_HOME": str(directory / "config"), "HELM_CACHE_HOME": str(directory / "cache"),
+            "HELM_DATA_HOME": str(directory / "data")}
 
 
 # --- an existing cluster --------------------------------------------------------------------------

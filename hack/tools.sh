@@ -4,7 +4,8 @@
 #
 # Every version comes from a wrapper module under hack/k8s/ whose go.mod and
 # go.sum are committed, so a build is reproducible:
-#   hack/k8s/kubernetes  kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+#   hack/k8s/kubernetes  kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+#                        and the real node's kubelet and kube-proxy
 #   hack/k8s/etcd        etcd
 #   hack/k8s/kwok        kwok
 #   hack/k8s/helm        helm
@@ -45,6 +46,8 @@ components=(
 	"kube-controller-manager $k8s_version  kubernetes k8s.io/kubernetes/cmd/kube-controller-manager"
 	"kube-scheduler          $k8s_version  kubernetes k8s.io/kubernetes/cmd/kube-scheduler"
 	"kubectl                 $k8s_version  kubernetes k8s.io/kubernetes/cmd/kubectl"
+	"kubelet                 $k8s_version  kubernetes k8s.io/kubernetes/cmd/kubelet"
+	"kube-proxy              $k8s_version  kubernetes k8s.io/kubernetes/cmd/kube-proxy"
 	"etcd                    $etcd_version etcd       go.etcd.io/etcd/server/v3"
 	"kwok                    $kwok_version kwok       sigs.k8s.io/kwok/cmd/kwok"
 	"helm                    $helm_version helm       helm.sh/helm/v4/cmd/helm"
@@ -86,7 +89,8 @@ build() {
 	say "building $component $version (from hack/k8s/$module) ..."
 	started=$SECONDS
 	# A heartbeat, so a 5-minute link does not look like a hang.
-	(while sleep 30; do say "  ... still building $component ($(fmt_duration $((SECONDS - started))))"; done) &
+	# Without the lock's descriptor: a `sleep` outliving the kill must not hold the lock.
+	(exec 9>&-; while sleep 30; do say "  ... still building $component ($(fmt_duration $((SECONDS - started))))"; done) &
 	ticker=$!
 	(cd "$modules/$module" && go build -ldflags "$ldflags" -o "$dir/$component.partial" "$package") || status=$?
 	kill "$ticker" 2>/dev/null || true

@@ -30,6 +30,15 @@ marked ``@pytest.mark.cluster``, and a deadline-based polling helper.
     A fresh namespace per test, with its ``default`` ServiceAccount in place;
     deleted (without waiting) when the test ends.
 
+``helm`` (session)
+    Runs .tools/bin/helm with its own config, cache and data directories (nothing of the
+    user's Helm set-up leaks in) and, when given the ``kube`` fixture's kubeconfig, that
+    cluster. Rendering (``helm.template``) needs no cluster.
+
+``real_node`` (session)
+    The local cluster's real node, with the images hack/images.sh built imported into its
+    containerd; ``RealNode.scheduling()`` is what lands a pod there.
+
 ``wait_for`` (function scope; returns the module's ``wait_for`` function)
     ``wait_for(predicate, timeout, what)`` calls ``predicate`` until it returns
     something truthy and returns that; past the deadline it fails with ``what``
@@ -52,10 +61,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SH = REPO / "hack" / "cluster.sh"
 TOOLS_SH = REPO / "hack" / "tools.sh"
+IMAGES_SH = REPO / "hack" / "images.sh"
+CHART = REPO / "charts" / "forkless"
+HELM = REPO / ".tools" / "bin" / "helm"
+KUBECTL = REPO / ".tools" / "bin" / "kubectl"
+REAL_NODE_IMAGES = ("runtime", "operator")
+REAL_NODE_LABEL = "forkless.dev/real-node"
 TEST_CLUSTER_DIR = REPO / ".cluster-test"
 
 T = TypeVar("T")
@@ -148,18 +164,23 @@ def _kubectl_for_external_cluster() -> str:
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Build the cluster binaries before any test runs, if a cluster test will.
+    """Build the cluster binaries, and the images if a real-node test will run, before any test.
 
-    A first build takes ~10 minutes, more than a test's timeout; done here, it
-    counts against none, and its progress is shown rather than captured.
+    A first build takes minutes, more than a test's timeout; done here, it counts
+    against none, and its progress is shown rather than captured. The images are
+    imported into the real node later, by the ``real_node`` fixture, once it runs.
     """
     if _external_kubeconfig() or not any(item.get_closest_marker("cluster") for item in items):
         return
+    steps = [[str(TOOLS_SH)]]
+    if any(item.get_closest_marker("realnode") for item in items):
+        steps.append([str(IMAGES_SH), "build", *REAL_NODE_IMAGES])
     capture = config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        result = subprocess.run([str(TOOLS_SH)], check=False)
-    if result.returncode != 0:
-        raise pytest.UsageError(f"hack/tools.sh exited {result.returncode}; its output is above")
+    for command in steps:
+        with capture.global_and_fixture_disabled():
+            result = subprocess.run(command, check=False)
+        if result.returncode != 0:
+            raise pytest.UsageError(f"{' '.join(command)} exited {result.returncode}; its output is above")
 
 
 @pytest.fixture(scope="session")
@@ -211,3 +232,82 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     )
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@dataclass(frozen=True)
+class RealNode:
+    name: str
+    state: Path  # the cluster's state directory: the node's containerd socket is under node/
+
+    def ctr(self, *args: str) -> str:
+        """``ctr`` against the node's containerd, in Kubernetes' namespace."""
+        socket = self.state / "node" / "containerd" / "containerd.sock"
+        return subprocess.run(["ctr", "--address", str(socket), "--namespace", "k8s.io", *args],
+                              capture_output=True, text=True, check=True, timeout=30).stdout
+
+    @staticmethod
+    def scheduling() -> dict[str, Any]:
+        """spec.scheduling (or a pod's nodeSelector and tolerations) that lands on the real node."""
+        return {
+            "nodeSelector": {REAL_NODE_LABEL: "true"},
+            "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+        }
+
+
+@pytest.fixture(scope="session")
+def real_node(kube: Kube) -> RealNode:
+    """The local cluster's real node (kubelet + containerd), with the forkless images imported.
+
+    The images were built before the run (``pytest_collection_modifyitems``); the import of an
+    image the node already holds is skipped.
+    """
+    if not kube.local:
+        pytest.skip("the real-node tests run on the local cluster (hack/cluster.sh), which has one real node")
+    nodes = kube.json("get", "nodes", "-l", f"{REAL_NODE_LABEL}=true")["items"]
+    if not nodes:
+        pytest.fail(f"no node labelled {REAL_NODE_LABEL}=true: was the cluster started with FORKLESS_REAL_NODES=0?",
+                    pytrace=False)
+    state = kube.kubeconfig.parent
+    result = subprocess.run([str(IMAGES_SH), "import", *REAL_NODE_IMAGES], capture_output=True, text=True,
+                            env={**os.environ, "FORKLESS_CLUSTER_DIR": str(state)}, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"hack/images.sh import exited {result.returncode}:\n{result.stderr[-4000:]}", pytrace=False)
+    return RealNode(nodes[0]["metadata"]["name"], state)
+
+
+# --- helm -------------------------------------------------------------------------------------------
+
+
+class Helm:
+    def __init__(self, home: Path) -> None:
+        self.env = {
+            **os.environ,
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+        self.env.pop("KUBECONFIG", None)
+
+    def __call__(
+        self, *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "KUBECONFIG": str(kubeconfig)} if kubeconfig else self.env
+        result = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} exited {result.returncode}:\n{result.stderr}{result.stdout}")
+        return result
+
+    def template(self, *args: str, release: str = "t", namespace: str = "forkless-system") -> list[dict[str, Any]]:
+        """The chart's objects (CRDs left out), parsed."""
+        out = self(
+            "template", release, str(CHART), "--namespace", namespace, "--kube-version", "1.36.3", *args
+        ).stdout
+        return [obj for obj in yaml.safe_load_all(out) if obj]
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    if not (HELM.exists() and KUBECTL.exists()):
+        # Cached binaries are only linked (a second); a first build takes minutes.
+        subprocess.run([str(REPO / "hack" / "tools.sh")], check=True)
+    return Helm(tmp_path_factory.mktemp("helm"))

@@ -23,10 +23,14 @@ HTTP_PORT = 8080
 SERVICE_PORT = 80
 MODEL_MOUNT_PATH = "/mnt/models"
 RUNTIME_CONTAINER = "runtime"
-# The runtime drains for this long after SIGTERM (--grace-period-s); Kubernetes must wait longer
-# before SIGKILL, or in-flight requests die with the pod.
+# After SIGTERM the runtime keeps serving, unready, for the drain delay (--drain-delay-s): the
+# endpoints controller and kube-proxy need a moment to stop routing to a terminating pod, and a
+# request routed there meanwhile must still be answered. Then it refuses new requests and lets
+# in-flight ones finish for the grace period (--grace-period-s). Kubernetes must wait longer
+# than both before SIGKILL, or in-flight requests die with the pod.
+RUNTIME_DRAIN_DELAY_S = 5
 RUNTIME_GRACE_PERIOD_S = 30
-TERMINATION_GRACE_PERIOD_S = RUNTIME_GRACE_PERIOD_S + 15
+TERMINATION_GRACE_PERIOD_S = RUNTIME_DRAIN_DELAY_S + RUNTIME_GRACE_PERIOD_S + 15
 # Large models take minutes to load; the startup probe holds liveness off for up to 30 minutes.
 STARTUP_PROBE_PERIOD_S = 5
 STARTUP_PROBE_FAILURES = 360
@@ -168,6 +172,7 @@ def runtime_env(isvc: InferenceService, settings: Settings | None = None) -> lis
         "FORKLESS_MAX_QUEUE": _opt(runtime.max_queue),
         "FORKLESS_REQUEST_TIMEOUT_S": _opt(runtime.request_timeout_seconds),
         "FORKLESS_GRACE_PERIOD_S": str(RUNTIME_GRACE_PERIOD_S),
+        "FORKLESS_DRAIN_DELAY_S": str(RUNTIME_DRAIN_DELAY_S),
         "FORKLESS_HOST": "0.0.0.0",
         "FORKLESS_PORT": str(HTTP_PORT),
         "FORKLESS_LOG_FORMAT": settings.log_format,

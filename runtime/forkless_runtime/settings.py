@@ -43,6 +43,7 @@ class Settings:
     max_queue: int = 1024
     request_timeout_s: float = 60.0
     grace_period_s: float = 30.0
+    drain_delay_s: float = 0.0
     max_body_mb: float = 64.0
     max_load_attempts: int = 3
     shm_threshold_kb: float = 16.0
@@ -145,6 +146,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_queue", _positive_int, "queued requests beyond which new ones get 503 + Retry-After"),
     Flag("request_timeout_s", _non_negative_float, "a request not answered by then gets 504"),
     Flag("grace_period_s", _non_negative_float, "on SIGTERM, how long in-flight requests may finish"),
+    Flag("drain_delay_s", _non_negative_float,
+         "on SIGTERM, keep serving this long first, unready and closing each connection after its answer, "
+         "so that load balancers (Kubernetes endpoints) stop sending work here before new requests are refused"),
     Flag("max_body_mb", _non_negative_float, "largest request body accepted (413 beyond)"),
     Flag("max_load_attempts", _positive_int, "consecutive failed model loads before the server exits non-zero"),
     Flag("shm_threshold_kb", _non_negative_float,

@@ -69,6 +69,7 @@ def test_cpu_example_deployment_env_and_command() -> None:
         "FORKLESS_MAX_QUEUE": "256",
         "FORKLESS_REQUEST_TIMEOUT_S": "30",
         "FORKLESS_GRACE_PERIOD_S": str(RUNTIME_GRACE_PERIOD_S),
+        "FORKLESS_DRAIN_DELAY_S": "5",
         "FORKLESS_HOST": "0.0.0.0",
         "FORKLESS_PORT": "8080",
         "FORKLESS_LOG_FORMAT": "json",

@@ -46,7 +46,8 @@ class App:
         self.metrics = Metrics(settings.model_name)
         self.batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue)
         self.pool = WorkerPool(settings, self.batcher, self.metrics, self.fatal)
-        self.draining = False
+        self.leaving = False  # SIGTERM seen: unready, connections closed after each answer
+        self.draining = False  # new requests refused
         self.fatal_error: str | None = None
         self.on_fatal: Callable[[], None] | None = None
         self.max_body = int(settings.max_body_mb * 1024 * 1024)
@@ -62,10 +63,19 @@ class App:
             self.on_fatal()
 
     def ready(self) -> bool:
-        return not self.draining and self.fatal_error is None and self.pool.ready_count() > 0
+        return not self.leaving and self.fatal_error is None and self.pool.ready_count() > 0
 
-    async def drain(self, grace_s: float) -> None:
-        """Refuse new work, let queued and in-flight requests finish within the grace period."""
+    async def drain(self, delay_s: float, grace_s: float) -> None:
+        """Leave without losing a request: stop being chosen, then refuse new work, then finish.
+
+        For ``delay_s`` the server keeps serving while readiness is false and every answer
+        closes its connection: a Service (kube-proxy) or load balancer stops sending new
+        connections here, and clients with kept-alive connections reconnect elsewhere. Only
+        then are new requests refused (503), and queued and in-flight ones get ``grace_s``.
+        """
+        self.leaving = True
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
         self.draining = True
         deadline = time.monotonic() + grace_s
         while (len(self.batcher) or self.pool.inflight_count()) and time.monotonic() < deadline:
@@ -192,6 +202,8 @@ class App:
             status, payload = 413, error_body(f"request body larger than {self.settings.max_body_mb:g} MB")
         self.metrics.requests[(protocol, status)] += 1
         self.metrics.request_seconds.observe(time.perf_counter() - started)
+        if self.leaving:
+            headers = [*headers, (b"connection", b"close")]
         await respond(send, status, payload, headers=headers)
 
     async def _handle_v2(self, scope: Scope, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:

@@ -1,8 +1,10 @@
 """Runs the front-end: uvicorn (uvloop + httptools) around the raw ASGI app, with our own signals.
 
-SIGTERM (and the first SIGINT) drains: readiness turns false at once, new requests get 503,
-queued and in-flight requests get up to the grace period, then workers stop and the process
-exits 0. A second SIGINT stops at once. A model that cannot load exits 1.
+SIGTERM (and the first SIGINT) drains: readiness turns false at once; for the drain delay the
+server keeps answering but closes each connection after its answer (so a Service stops routing
+here first); then new requests get 503, queued and in-flight requests get up to the grace
+period, workers stop and the process exits 0. A second SIGINT stops at once. A model that
+cannot load exits 1.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ log = logging.getLogger("forkless.frontend")
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: App, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: App, delay_s: float, grace_s: float) -> None:
         super().__init__(config)
         self.forkless_app = app
+        self.delay_s = delay_s
         self.grace_s = grace_s
         self._drain_task: asyncio.Task | None = None
 
@@ -43,7 +46,8 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is None:
-            log.info("received %s: draining for up to %gs", signal.Signals(sig).name, self.grace_s)
+            log.info("received %s: serving %gs more while unready, then draining for up to %gs",
+                     signal.Signals(sig).name, self.delay_s, self.grace_s)
             self._drain_task = asyncio.get_running_loop().create_task(self._drain())
         elif sig == signal.SIGINT:
             log.warning("second SIGINT: stopping now")
@@ -51,7 +55,7 @@ class _Server(uvicorn.Server):
             self.force_exit = True
 
     async def _drain(self) -> None:
-        await self.forkless_app.drain(self.grace_s)
+        await self.forkless_app.drain(self.delay_s, self.grace_s)
         self.should_exit = True
 
 
@@ -70,7 +74,7 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
     )
-    server = _Server(config, app, settings.grace_period_s)
+    server = _Server(config, app, settings.drain_delay_s, settings.grace_period_s)
 
     def stop_now() -> None:
         server.should_exit = True
