@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODELS := .models
 PORT ?= 8080
 
-.PHONY: venv run run-runtime serve test test-fast lint bench reliability models clean
+.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ run: venv
 	@$(PY) hack/demo.py
 
 # Serve the example MLP with two spawned workers, send it a request, print the answer, stop.
+# forkless-runtime and forkless-operator images without Docker (buildah, a Debian base from
+# mmdebstrap, wheels of the pinned constraints), imported into the local real node when it runs.
+images:
+	@hack/images.sh all runtime operator
+
 run-runtime: models
 	@$(PY) hack/demo-runtime.py --model $(MODELS)/mlp.pt --port $(PORT)
 

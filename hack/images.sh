@@ -79,6 +79,11 @@ ref() {
 	esac
 }
 archive() { echo "$cache/archives/$(ref "$1" | sed 's|^localhost/||; s|:|-|').tar"; }
+# The image's size as a registry would store it (gzip layers: the archive) and unpacked.
+size_of() {
+	printf '%s compressed, %s unpacked' "$(du -h "$(archive "$1")" | cut -f1)" \
+		"$(bah images --noheading --format '{{.Size}}' "$(ref "$1")" 2>/dev/null)"
+}
 have_image() { [[ -n $(bah images --quiet "$1" 2>/dev/null) ]]; }
 
 # ---------------------------------------------------------------- inputs
@@ -193,7 +198,7 @@ build() {
 	[[ $image == pause ]] || base_image
 	hash=$(inputs_hash "$image")
 	if [[ -f $target && -f $stamp && $(cat "$stamp") == "$hash" ]] && have_image "$(ref "$image")"; then
-		say "$image: $(ref "$image") is up to date ($(du -h "$target" | cut -f1))"
+		say "$image: $(ref "$image") is up to date ($(size_of "$image"))"
 		return
 	fi
 	case $image in
@@ -207,7 +212,9 @@ build() {
 		bah push --quiet --disable-compression "$(ref "$image")" "oci-archive:$target.partial:$(ref "$image")"
 	mv "$target.partial" "$target"
 	echo "$hash" >"$stamp"
-	say "$image: built $(ref "$image") in $(fmt_duration $((SECONDS - started))): $(du -h "$target" | cut -f1) uncompressed"
+	# Earlier builds of this image, now untagged, would keep gigabytes each.
+	bah rmi --prune >/dev/null 2>&1 || true
+	say "$image: built $(ref "$image") in $(fmt_duration $((SECONDS - started))): $(size_of "$image")"
 }
 
 # ---------------------------------------------------------------- import
@@ -242,7 +249,7 @@ list() {
 	for image in runtime operator pause; do
 		target=$(archive "$image")
 		state=missing
-		[[ -f $target ]] && state="built, $(du -h "$target" | cut -f1) uncompressed"
+		[[ -f $target ]] && state="built, $(size_of "$image")"
 		printf '%-9s %-45s %s\n' "$image" "$(ref "$image")" "$state"
 	done
 }

@@ -18,6 +18,8 @@ marked ``@pytest.mark.cluster``, and a deadline-based polling helper.
     the cache) by ``hack/tools.sh`` right after collection, outside any test's
     timeout, since a first build takes minutes.
 
+    ``FORKLESS_KEEP_CLUSTER=1`` leaves it running after the run, for the next run to reuse.
+
     With ``FORKLESS_KUBECONFIG=/path/to/kubeconfig`` the tests use that cluster
     (for instance one made by ``hack/kind.sh``) and start or stop nothing. The
     ambient ``KUBECONFIG`` and ``~/.kube/config`` are never used, so the suite
@@ -209,11 +211,14 @@ def kube() -> Iterator[Kube]:
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         )
     finally:
-        down = subprocess.run(
-            [str(CLUSTER_SH), "down"], env=cluster_env, capture_output=True, text=True, check=False
-        )
-        if down.returncode != 0:
-            print(f"hack/cluster.sh down exited {down.returncode}:\n{down.stderr}")
+        if os.environ.get("FORKLESS_KEEP_CLUSTER") == "1":
+            print(f"FORKLESS_KEEP_CLUSTER=1: the test cluster keeps running in {state}; hack/cluster.sh down stops it")
+        else:
+            down = subprocess.run(
+                [str(CLUSTER_SH), "down"], env=cluster_env, capture_output=True, text=True, check=False
+            )
+            if down.returncode != 0:
+                print(f"hack/cluster.sh down exited {down.returncode}:\n{down.stderr}")
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def test_all_namespaces_means_a_cluster_role_and_all_namespaces_flag(helm: Helm)
     args = build_parser().parse_args(operator_args(objects))
     assert args.all_namespaces and not args.namespaces
     names = {role["metadata"]["name"] for role in by_kind(objects, "ClusterRole")}
-    assert names == {"t-forkless", "t-forkless-crd-reader"}
+    assert names == {"t-forkless", "t-forkless-discovery"}
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
 
 
@@ -71,11 +71,13 @@ def test_watch_namespaces_mean_roles_there_and_namespace_flags(helm: Helm) -> No
     assert args.namespaces == ["team-a", "team-b"] and not args.all_namespaces
     assert sorted(r["metadata"]["namespace"] for r in by_kind(objects, "Role")) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
-    # Only the read-only CRD watch stays cluster-wide.
+    # Only the read-only discovery stays cluster-wide: CRDs, and namespaces (kopf lists them once
+    # at start-up when given named namespaces; without it, it retries for a minute first).
     [cluster_role] = by_kind(objects, "ClusterRole")
     assert cluster_role["rules"] == [
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-         "verbs": ["get", "list", "watch"]}
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
     ]
 
 
