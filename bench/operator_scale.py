@@ -82,8 +82,9 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.env = {**os.environ, "FORKLESS_CLUSTER_DIR": str(self.state), "KUBECONFIG": str(self.kubeconfig),
-                    # Two untainted nodes: the N runtime pods (and nothing else) land there.
-                    "FORKLESS_CPU_NODES": "2"}
+                    # Two untainted nodes: the N runtime pods (and nothing else) land there; no real
+                    # node (its kubelet would only add load, and one may already run for another cluster).
+                    "FORKLESS_CPU_NODES": "2", "FORKLESS_REAL_NODES": "0"}
 
     @property
     def kubeconfig(self) -> Path:

@@ -201,7 +201,8 @@ class LocalCluster:
 
     def __init__(self, state: Path) -> None:
         self.state = state
-        self.env = {**os.environ, "FORKLESS_CLUSTER_DIR": str(state)}
+        # Simulated nodes only: the real node belongs to the session cluster (one per machine).
+        self.env = {**os.environ, "FORKLESS_CLUSTER_DIR": str(state), "FORKLESS_REAL_NODES": "0"}
         self.kubeconfig = state / "kubeconfig"
         self.killed: list[str] = []  # what ignored SIGTERM for 5 s
 
