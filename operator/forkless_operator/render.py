@@ -9,28 +9,26 @@ are exactly what one runs locally to reproduce a pod.
 
 from __future__ import annotations
 
+import math
 import posixpath
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
+from forkless_runtime.settings import DEFAULTS, FLAGS, env_name, env_value
 from kubernetes.utils import parse_quantity
 
 from forkless_operator.settings import Settings, get_settings
-from forkless_operator.spec import API_VERSION, KIND, InferenceService
+from forkless_operator.spec import API_VERSION, KIND, OPERATOR_DRAIN_DELAY_S, InferenceService
 
 HTTP_PORT = 8080
 SERVICE_PORT = 80
 MODEL_MOUNT_PATH = "/mnt/models"
 RUNTIME_CONTAINER = "runtime"
-# After SIGTERM the runtime keeps serving, unready, for the drain delay (--drain-delay-s): the
-# endpoints controller and kube-proxy need a moment to stop routing to a terminating pod, and a
-# request routed there meanwhile must still be answered. Then it refuses new requests and lets
-# in-flight ones finish for the grace period (--grace-period-s). Kubernetes must wait longer
-# than both before SIGKILL, or in-flight requests die with the pod.
-RUNTIME_DRAIN_DELAY_S = 5
-RUNTIME_GRACE_PERIOD_S = 30
-TERMINATION_GRACE_PERIOD_S = RUNTIME_DRAIN_DELAY_S + RUNTIME_GRACE_PERIOD_S + 15
+# Kubernetes waits this much longer than the runtime's drain delay and grace period together
+# before SIGKILL, so that in-flight requests never die with the pod.
+TERMINATION_MARGIN_S = 15
+DEFAULT_GRACE_PERIOD_S: float = DEFAULTS["grace_period_s"]
 # Large models take minutes to load; the startup probe holds liveness off for up to 30 minutes.
 STARTUP_PROBE_PERIOD_S = 5
 STARTUP_PROBE_FAILURES = 360
@@ -93,11 +91,6 @@ def _metadata(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
-def _number(value: float) -> str:
-    """An env value for a number: 5.0 -> "5", 0.45 -> "0.45"."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def _quantity(value: str | int) -> str:
     return str(value)
 
@@ -151,39 +144,93 @@ def model_source(isvc: InferenceService) -> tuple[str, dict[str, Any] | None, di
     return uri, None, None
 
 
-def runtime_env(isvc: InferenceService, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """The FORKLESS_* variables that configure ``forkless-runtime serve``, then the user's env."""
+# Where every forkless-runtime setting comes from: a field of the spec, or the operator itself.
+# tests/operator/test_contract.py holds this to the runtime's settings table in both directions,
+# renders every field through the runtime's own parser, and docs/operator.md shows it.
+RUNTIME_SETTING_SOURCES: dict[str, str] = {
+    "model_name": "spec.model.name (default metadata.name)",
+    "model_uri": "spec.model.uri (a pvc:// or http(s):// model becomes the mounted or downloaded file)",
+    "format": "spec.model.format",
+    "handler": "spec.model.handler",
+    "workers": "spec.runtime.workers (default one per GPU, else 1)",
+    "start_method": "spec.runtime.startMethod",
+    "device": "operator: cuda when spec.resources.gpus > 0, else cpu",
+    "threads_per_worker": "spec.runtime.threadsPerWorker",
+    "gpu_memory_fraction": "spec.runtime.gpuMemoryFraction",
+    "max_batch_size": "spec.runtime.batching.maxBatchSize (1, batching off, when spec.runtime.batching is omitted)",
+    "max_batch_delay_ms": "spec.runtime.batching.maxDelayMs",
+    "max_queue": "spec.runtime.maxQueue",
+    "request_timeout_s": "spec.runtime.requestTimeoutSeconds",
+    "grace_period_s": "spec.runtime.gracePeriodSeconds",
+    "drain_delay_s": "spec.runtime.drainDelaySeconds (default 5: a pod keeps answering while its endpoints go)",
+    "max_body_mb": "spec.runtime.maxBodyMegabytes",
+    "max_load_attempts": "spec.runtime.maxLoadAttempts",
+    "shm_threshold_kb": "spec.runtime.sharedMemoryThresholdKilobytes",
+    "host": "operator: 0.0.0.0",
+    "port": f"operator: {HTTP_PORT}, the container port the probes and the Service use",
+    "log_format": "spec.runtime.logFormat (default: the operator's FORKLESS_OPERATOR_LOG_FORMAT, the chart's defaults.runtimeLogFormat)",
+    "log_level": "spec.runtime.logLevel",
+    "access_log": "spec.runtime.accessLog",
+}
+
+
+def runtime_settings(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any]:
+    """Every forkless-runtime setting (by its field in the runtime's table) for this InferenceService;
+    None leaves the runtime's own default."""
     settings = settings or get_settings()
     spec, runtime = isvc.spec, isvc.spec.runtime
     uri, _, _ = model_source(isvc)
     batching = runtime.batching
-    values: dict[str, str | None] = {
-        "FORKLESS_MODEL_NAME": isvc.model_name,
-        "FORKLESS_MODEL_URI": uri,
-        "FORKLESS_FORMAT": spec.model.format,
-        "FORKLESS_HANDLER": spec.model.handler,
-        "FORKLESS_WORKERS": str(spec.workers),
-        "FORKLESS_START_METHOD": runtime.start_method,
-        "FORKLESS_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
-        "FORKLESS_THREADS_PER_WORKER": _opt(runtime.threads_per_worker),
-        "FORKLESS_GPU_MEMORY_FRACTION": _opt(runtime.gpu_memory_fraction),
-        "FORKLESS_MAX_BATCH_SIZE": _opt(batching.max_batch_size if batching else None),
-        "FORKLESS_MAX_BATCH_DELAY_MS": _opt(batching.max_delay_ms if batching else None),
-        "FORKLESS_MAX_QUEUE": _opt(runtime.max_queue),
-        "FORKLESS_REQUEST_TIMEOUT_S": _opt(runtime.request_timeout_seconds),
-        "FORKLESS_GRACE_PERIOD_S": str(RUNTIME_GRACE_PERIOD_S),
-        "FORKLESS_DRAIN_DELAY_S": str(RUNTIME_DRAIN_DELAY_S),
-        "FORKLESS_HOST": "0.0.0.0",
-        "FORKLESS_PORT": str(HTTP_PORT),
-        "FORKLESS_LOG_FORMAT": settings.log_format,
+    return {
+        "model_name": isvc.model_name,
+        "model_uri": uri,
+        "format": spec.model.format,
+        "handler": spec.model.handler,
+        "workers": spec.workers,
+        "start_method": runtime.start_method,
+        "device": "cuda" if spec.resources.gpus > 0 else "cpu",
+        "threads_per_worker": runtime.threads_per_worker,
+        "gpu_memory_fraction": runtime.gpu_memory_fraction,
+        "max_batch_size": batching.max_batch_size if batching else 1,
+        "max_batch_delay_ms": batching.max_delay_ms if batching else None,
+        "max_queue": runtime.max_queue,
+        "request_timeout_s": runtime.request_timeout_seconds,
+        "grace_period_s": runtime.grace_period_seconds,
+        "drain_delay_s": drain_delay_s(isvc),
+        "max_body_mb": runtime.max_body_megabytes,
+        "max_load_attempts": runtime.max_load_attempts,
+        "shm_threshold_kb": runtime.shared_memory_threshold_kilobytes,
+        "host": "0.0.0.0",
+        "port": HTTP_PORT,
+        "log_format": runtime.log_format or settings.log_format,
+        "log_level": runtime.log_level,
+        "access_log": runtime.access_log,
     }
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items() if v is not None]
-    env += [e.model_dump(by_alias=True, exclude_none=True) for e in runtime.env]
+
+
+def runtime_env(isvc: InferenceService, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """The FORKLESS_* variables that configure ``forkless-runtime serve``, in the runtime's flag order,
+    then the user's env."""
+    values = runtime_settings(isvc, settings)
+    env: list[dict[str, Any]] = [
+        {"name": env_name(flag.field), "value": env_value(values[flag.field])}
+        for flag in FLAGS
+        if values[flag.field] is not None
+    ]
+    env += [e.model_dump(by_alias=True, exclude_none=True) for e in isvc.spec.runtime.env]
     return env
 
 
-def _opt(value: float | None) -> str | None:
-    return None if value is None else _number(value)
+def drain_delay_s(isvc: InferenceService) -> float:
+    delay = isvc.spec.runtime.drain_delay_seconds
+    return OPERATOR_DRAIN_DELAY_S if delay is None else delay
+
+
+def termination_grace_period_s(isvc: InferenceService) -> int:
+    """Longer than the runtime's drain delay and grace period together: SIGKILL never cuts a request."""
+    grace = isvc.spec.runtime.grace_period_seconds
+    runtime_grace = DEFAULT_GRACE_PERIOD_S if grace is None else grace
+    return math.ceil(drain_delay_s(isvc) + runtime_grace) + TERMINATION_MARGIN_S
 
 
 def _http_probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
@@ -259,7 +306,7 @@ def render_deployment(isvc: InferenceService, settings: Settings | None = None) 
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_PERIOD_S,
+        "terminationGracePeriodSeconds": termination_grace_period_s(isvc),
         # Service links put variables of every Service in the namespace into the env; not wanted.
         "enableServiceLinks": False,
         "securityContext": {

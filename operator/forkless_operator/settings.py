@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from forkless_runtime.settings import LOG_FORMATS
+
 ENV_PREFIX = "FORKLESS_OPERATOR_"
 
 
@@ -31,7 +33,7 @@ class Settings:
     """Non-root uid and gid the runtime runs as."""
     cluster_domain: str = "cluster.local"
     log_format: str = "json"
-    """--log-format of the runtime."""
+    """--log-format of the runtime when spec.runtime.logFormat is omitted: text or json."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -51,6 +53,11 @@ class Settings:
                 values[name] = int(raw)
             else:
                 values[name] = raw
+        if values.get("log_format", cls.log_format) not in LOG_FORMATS:
+            raise ValueError(
+                f"{ENV_PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)} (forkless-runtime --log-format), "
+                f"got {values['log_format']!r}"
+            )
         return cls(**values)
 
 

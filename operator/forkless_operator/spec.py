@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from forkless_runtime.settings import DEFAULTS, FLAGS, HANDLER_PATTERN, env_name, env_value, flag_name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
@@ -27,9 +28,6 @@ SINGULAR = "inferenceservice"
 SHORT_NAMES = ("fisvc",)
 CATEGORIES = ("forkless",)
 
-# The runtime's formats and start methods (forkless-runtime serve --format / --start-method).
-MODEL_FORMATS = ("torchscript", "torch-export", "onnx", "python")
-START_METHODS = ("spawn", "forkserver")
 URI_SCHEMES = ("pvc://", "file://", "http://", "https://")
 
 # A Quantity as the API server accepts it (k8s.io/apimachinery resource.Quantity).
@@ -37,7 +35,10 @@ QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkM
 # Names the operator gives to children (Deployment, Service, label values) must be DNS-1035 labels.
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[^/].*$"
-HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+# The operator's own defaults where they differ from the runtime's: a pod must keep serving for a
+# moment after SIGTERM while its endpoints are removed (the runtime alone stops at once).
+OPERATOR_DRAIN_DELAY_S = 5.0
 
 # Floating-point slack for "fractions add up to at most 1" (0.1 * 10 must pass).
 FRACTION_EPSILON = 1e-9
@@ -71,6 +72,13 @@ class Rule:
 def validations(*rules: Rule) -> JsonDict:
     """The schema extra that declares ``rules`` on a field or a model."""
     return {"x-kubernetes-validations": [rule.cel() for rule in rules]}
+
+
+def runtime_default(field: str, default: Any = None) -> str:
+    """How a spec field's description names its default: the runtime's own (from its settings
+    table, so the CRD cannot drift from it), or ``default`` where the operator sets another."""
+    value = DEFAULTS[field] if default is None else default
+    return f"Default {env_value(value)} (forkless-runtime {flag_name(field)})."
 
 
 def effective_workers(workers: int | None, gpus: int) -> int:
@@ -183,17 +191,23 @@ NO_FORK_RULE = Rule(
 START_METHOD_RULE = Rule(
     rule="self in ['spawn', 'forkserver']",
     message="startMethod must be spawn or forkserver",
-    holds=lambda method: method in START_METHODS,
+    holds=lambda method: method in ("spawn", "forkserver"),
 )
 WORKERS_RULE = Rule(
     rule="self >= 1",
     message="workers must be at least 1: each worker is one spawned process that loads the model",
     holds=lambda workers: workers >= 1,
 )
+# The runtime's own settings: every one is rendered from a spec field or by the operator, so env
+# cannot set them (other FORKLESS_* names, e.g. a handler's own, are the user's).
+RUNTIME_ENV_NAMES = tuple(env_name(flag.field) for flag in FLAGS)
 RESERVED_ENV_RULE = Rule(
-    rule="self.all(e, !e.name.startsWith('FORKLESS_'))",
-    message="env cannot set FORKLESS_* variables: the operator renders them from spec.runtime; set the matching field instead",
-    holds=lambda env: all(not e.name.startswith("FORKLESS_") for e in env),
+    rule="self.all(e, !(e.name in [" + ", ".join(f"'{name}'" for name in RUNTIME_ENV_NAMES) + "]))",
+    message=(
+        "env cannot set the runtime's settings (FORKLESS_<FLAG>; `forkless-runtime flags` lists them): "
+        "the operator renders them from the spec; set the matching spec.runtime or spec.model field instead"
+    ),
+    holds=lambda env: all(e.name not in RUNTIME_ENV_NAMES for e in env),
 )
 
 
@@ -201,13 +215,17 @@ class Batching(_Model):
     """The runtime's deadline batcher."""
 
     max_batch_size: int | None = Field(
-        default=None, ge=1, le=4096, description="Largest batch a worker receives (--max-batch-size)."
+        default=None, ge=1, le=4096,
+        description="Largest batch, in samples, a worker receives; 1 turns batching off. " + runtime_default("max_batch_size"),
     )
     max_delay_ms: float | None = Field(
         default=None,
         ge=0,
         le=60_000,
-        description="How long a request may wait for others to fill a batch, in milliseconds (--max-batch-delay-ms).",
+        description=(
+            "How long a request may wait for others to fill a batch while every worker is busy, in "
+            "milliseconds. " + runtime_default("max_batch_delay_ms")
+        ),
     )
 
 
@@ -245,7 +263,11 @@ class RuntimeSpec(_Model):
         json_schema_extra=validations(NO_FORK_RULE, START_METHOD_RULE),
     )
     threads_per_worker: int | None = Field(
-        default=None, ge=1, le=256, description="Intra-op CPU threads per worker (torch.set_num_threads). Defaults to the runtime's choice."
+        default=None, ge=1, le=256,
+        description=(
+            "Intra-op CPU threads per worker (torch, OpenMP, MKL). Defaults to the usable CPUs of the "
+            "container (cgroup quota and affinity) divided by the workers (forkless-runtime --threads-per-worker)."
+        ),
     )
     gpu_memory_fraction: float | None = Field(
         default=None,
@@ -256,17 +278,65 @@ class RuntimeSpec(_Model):
             "Workers sharing a GPU must fit: gpuMemoryFraction * ceil(workers / gpus) <= 1."
         ),
     )
-    batching: Batching | None = Field(default=None, description="Dynamic batching of requests; off when omitted.")
+    batching: Batching | None = Field(
+        default=None, description="Dynamic batching of requests; off (a batch size of 1) when omitted."
+    )
     max_queue: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="Requests that may wait; beyond it the runtime answers 503 at once."
+        default=None, ge=1, le=1_000_000,
+        description="Requests that may wait; beyond it the runtime answers 503 at once. " + runtime_default("max_queue"),
     )
     request_timeout_seconds: float | None = Field(
-        default=None, gt=0, le=3600, description="Deadline of one request, in seconds; late requests fail with 504."
+        default=None, gt=0, le=3600,
+        description="Deadline of one request, in seconds; late requests fail with 504. " + runtime_default("request_timeout_s"),
+    )
+    drain_delay_seconds: float | None = Field(
+        default=None, ge=0, le=300,
+        description=(
+            "After SIGTERM, how long a pod keeps answering, unready, while its endpoints are removed, "
+            "before it refuses new requests. " + runtime_default("drain_delay_s", OPERATOR_DRAIN_DELAY_S)
+        ),
+    )
+    grace_period_seconds: float | None = Field(
+        default=None, ge=0, le=3600,
+        description=(
+            "After the drain delay, how long queued and in-flight requests may finish; the pod's "
+            "terminationGracePeriodSeconds covers both. " + runtime_default("grace_period_s")
+        ),
+    )
+    max_body_megabytes: float | None = Field(
+        default=None, gt=0, le=4096,
+        description="Largest request body accepted, in MB; larger ones get 413. " + runtime_default("max_body_mb"),
+    )
+    max_load_attempts: int | None = Field(
+        default=None, ge=1, le=100,
+        description=(
+            "Consecutive failed model loads before the runtime exits non-zero (and the pod restarts). "
+            + runtime_default("max_load_attempts")
+        ),
+    )
+    shared_memory_threshold_kilobytes: float | None = Field(
+        default=None, ge=0, le=1_048_576,
+        description=(
+            "Input tensors this big or bigger travel to the workers through shared memory; 0 turns it off. "
+            + runtime_default("shm_threshold_kb")
+        ),
+    )
+    log_format: Literal["text", "json"] | None = Field(
+        default=None, description="Log format of the runtime. Defaults to the operator's configuration (json)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] | None = Field(
+        default=None, description="Log level of the runtime. " + runtime_default("log_level")
+    )
+    access_log: bool | None = Field(
+        default=None, description="Log every request (it costs throughput). " + runtime_default("access_log")
     )
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=64,
-        description="Extra environment variables of the runtime container. FORKLESS_* names are reserved.",
+        description=(
+            "Extra environment variables of the runtime container. The runtime's own settings "
+            "(FORKLESS_<FLAG>) are set through the fields above, not here."
+        ),
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["name"],

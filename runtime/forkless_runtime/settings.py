@@ -1,7 +1,10 @@
 """One settings object per process: CLI flags = FORKLESS_* environment = what the operator renders.
 
-The table `FLAGS` is the single source of truth: the argument parser, the environment lookup
-and the documentation are all generated from it.
+The table `FLAGS` is the single source of truth and the contract between the operator and the
+runtime: the argument parser, the environment lookup, the documentation, the operator's
+rendering (it imports this module: standard library only, shipped in both images) and the
+CRD's descriptions, defaults and bounds are all derived from it, and tests/operator/
+test_contract.py fails on any disagreement.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +27,12 @@ FORK_REFUSAL = (
 
 MODEL_FORMATS = ("torchscript", "torch-export", "onnx", "python")
 EXTENSION_FORMATS = {".pt": "torchscript", ".ts": "torchscript", ".pt2": "torch-export", ".onnx": "onnx"}
+START_METHODS = ("spawn", "forkserver")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# package.module:ClassName, ASCII identifiers; the CRD validates handler strings with this pattern too.
+HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ def _fraction(text: str) -> float:
 def _start_method(text: str) -> str:
     if text == "fork":
         raise argparse.ArgumentTypeError(FORK_REFUSAL)
-    if text not in ("spawn", "forkserver"):
+    if text not in START_METHODS:
         raise argparse.ArgumentTypeError(f"must be 'spawn' or 'forkserver', got {text!r}")
     return text
 
@@ -113,6 +123,12 @@ def _choice(*choices: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _handler(text: str) -> str:
+    if not re.fullmatch(HANDLER_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"must look like 'package.module:ClassName', got {text!r}")
+    return text
 
 
 def _bool(text: str) -> bool:
@@ -129,16 +145,22 @@ class Flag:
     parse: Callable[[str], Any]
     help: str
     required: bool = False
+    choices: tuple[str, ...] = ()  # the only values accepted, for flags that take a name
+
+
+def _choices(field: str, choices: tuple[str, ...], help: str) -> Flag:
+    return Flag(field, _choice(*choices), help, choices=choices)
 
 
 FLAGS: tuple[Flag, ...] = (
     Flag("model_name", str, "name the model is served under", required=True),
     Flag("model_uri", str, "model file: a path or file:// URI", required=False),
-    Flag("format", _choice(*MODEL_FORMATS), "model format (inferred from the extension when not given)"),
-    Flag("handler", str, "module:Class with load() and predict(inputs), imported only in the workers"),
+    _choices("format", MODEL_FORMATS, "model format (inferred from the extension when not given)"),
+    Flag("handler", _handler, "module:Class with load() and predict(inputs), imported only in the workers"),
     Flag("workers", _positive_int, "model worker processes (default: one per visible GPU, else 1)"),
-    Flag("start_method", _start_method, "how workers start: spawn (default) or forkserver; fork is refused"),
-    Flag("device", _choice("auto", "cpu", "cuda"), "auto picks cuda when a GPU is visible"),
+    Flag("start_method", _start_method, "how workers start: spawn (default) or forkserver; fork is refused",
+         choices=START_METHODS),
+    _choices("device", DEVICES, "auto picks cuda when a GPU is visible"),
     Flag("threads_per_worker", _positive_int, "torch/OpenMP/MKL threads per worker (default: usable CPUs / workers)"),
     Flag("gpu_memory_fraction", _fraction, "cap each worker's share of its GPU's memory, 0 < F <= 1"),
     Flag("max_batch_size", _positive_int, "largest batch the dynamic batcher forms (1 turns batching off)"),
@@ -155,10 +177,14 @@ FLAGS: tuple[Flag, ...] = (
          "input tensors this big or bigger travel to workers through shared memory (0 turns it off)"),
     Flag("host", str, "address to listen on"),
     Flag("port", int, "port to listen on"),
-    Flag("log_format", _choice("text", "json"), "text or json logs"),
-    Flag("log_level", _choice("debug", "info", "warning", "error"), "log level"),
+    _choices("log_format", LOG_FORMATS, "text or json logs"),
+    _choices("log_level", LOG_LEVELS, "log level"),
     Flag("access_log", _bool, "log every request (off by default: it costs throughput)"),
 )
+
+
+FLAGS_BY_FIELD: dict[str, Flag] = {flag.field: flag for flag in FLAGS}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in FLAGS_BY_FIELD}
 
 
 def flag_name(field: str) -> str:
@@ -169,12 +195,21 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def env_value(value: Any) -> str:
+    """The FORKLESS_* text of a setting's value, as every parser above reads it back unchanged:
+    5.0 -> "5", 0.45 -> "0.45", True -> "true"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add every flag; each defaults to its FORKLESS_* variable, then to the Settings default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for flag in FLAGS:
         env = env_name(flag.field)
-        default = defaults.get(flag.field)
+        default = DEFAULTS.get(flag.field)
         help_text = f"{flag.help} [env {env}]"
         parser.add_argument(
             flag_name(flag.field),

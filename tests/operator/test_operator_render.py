@@ -8,8 +8,6 @@ from typing import Any
 import pytest
 import yaml
 from forkless_operator.render import (
-    RUNTIME_GRACE_PERIOD_S,
-    TERMINATION_GRACE_PERIOD_S,
     render_children,
     render_deployment,
     render_hpa,
@@ -68,7 +66,6 @@ def test_cpu_example_deployment_env_and_command() -> None:
         "FORKLESS_MAX_BATCH_DELAY_MS": "2",
         "FORKLESS_MAX_QUEUE": "256",
         "FORKLESS_REQUEST_TIMEOUT_S": "30",
-        "FORKLESS_GRACE_PERIOD_S": str(RUNTIME_GRACE_PERIOD_S),
         "FORKLESS_DRAIN_DELAY_S": "5",
         "FORKLESS_HOST": "0.0.0.0",
         "FORKLESS_PORT": "8080",
@@ -84,7 +81,8 @@ def test_cpu_example_deployment_env_and_command() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["terminationGracePeriodSeconds"] == TERMINATION_GRACE_PERIOD_S > RUNTIME_GRACE_PERIOD_S
+    # The drain delay (5 s) and the runtime's grace period (30 s) must both pass before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 15
     assert pod["tolerations"] == [{"key": "team", "operator": "Exists"}]
     assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}]
     assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
@@ -218,3 +216,11 @@ def test_settings_from_env() -> None:
     assert settings.runtime_image == "img:2"
     assert settings.runtime_user == 2000
     assert settings.default_tolerations == ({"key": "a", "operator": "Exists"},)
+
+
+def test_termination_grace_covers_the_drain_delay_and_the_grace_period() -> None:
+    deployment = render_deployment(isvc(runtime={"drainDelaySeconds": 2.5, "gracePeriodSeconds": 60}), SETTINGS)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 3 + 60 + 15
+    env = env_of(deployment)
+    assert (env["FORKLESS_DRAIN_DELAY_S"], env["FORKLESS_GRACE_PERIOD_S"]) == ("2.5", "60")

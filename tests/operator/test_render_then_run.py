@@ -1,12 +1,10 @@
 """Render then run: the container the operator renders for the CPU example, started as it is, serves.
 
-The simulated nodes run nothing, so this is where the rendered command and
-environment meet the real runtime: the command runs unchanged (``forkless-runtime
-serve`` from this virtualenv's bin), with exactly the rendered ``FORKLESS_*``
-variables; only the model URI (a local file instead of one baked into the image)
-and the listen address (a free loopback port) are changed. A ``FORKLESS_*``
-variable the runtime does not read fails the test: it would be silently ignored
-in the pod.
+The rendered command runs unchanged (``forkless-runtime serve`` from this virtualenv's bin),
+with exactly the rendered ``FORKLESS_*`` variables; only the model URI (a local file instead of
+one baked into the image) and the listen address (a free loopback port) are changed. The real
+pods of tests/realnode run the same container from the built image; tests/operator/
+test_contract.py holds every rendered variable to the runtime's settings table.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import yaml
 from forkless_operator.render import RUNTIME_CONTAINER, render_deployment
 from forkless_operator.settings import Settings
 from forkless_operator.spec import InferenceService
-from forkless_runtime.settings import ENV_PREFIX, FLAGS, env_name
 
 from tests.runtime.conftest import free_port
 
@@ -56,13 +53,6 @@ def rendered_container(model: Path) -> dict[str, Any]:
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     answer = httpx.request(method, url, json=body, timeout=10)
     return answer.status_code, answer.json() if answer.content else {}
-
-
-def test_rendered_env_names_only_flags_the_runtime_reads(models: Path) -> None:
-    known = {env_name(flag.field) for flag in FLAGS}
-    rendered = {e["name"] for e in rendered_container(models / "mlp.pt")["env"]}
-    unknown = {name for name in rendered if name.startswith(ENV_PREFIX)} - known
-    assert not unknown, f"the renderer sets variables forkless-runtime does not read: {sorted(unknown)}"
 
 
 @pytest.fixture

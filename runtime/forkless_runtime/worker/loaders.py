@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from ..protocol.tensors import DTYPE_TO_DATATYPE, NamedTensor
+from ..settings import HANDLER_PATTERN
 
-HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+HANDLER_RE = re.compile(HANDLER_PATTERN)
 
 
 @dataclass
@@ -254,7 +255,7 @@ def load_onnx(path: str, device: str, threads: int) -> LoadedModel:
 
 
 def import_handler(path: str) -> type:
-    if not HANDLER_PATTERN.match(path):
+    if not HANDLER_RE.fullmatch(path):
         raise ValueError(f"handler must look like 'package.module:ClassName', got {path!r}")
     module_name, class_name = path.split(":")
     module = importlib.import_module(module_name)
