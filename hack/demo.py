@@ -218,10 +218,16 @@ def local_demo() -> None:
     run_shown(str(ROOT / "hack" / "images.sh"), "all", "runtime", "operator",
               env={**os.environ, "FORKLESS_CLUSTER_DIR": str(STATE)})
 
-    step(f"helm upgrade --install {RELEASE} charts/forkless -n {CHART_NAMESPACE} -f hack/local-values.yaml --wait")
+    # Helm installs a chart's CRDs once and never upgrades them; applied first, they follow this checkout.
+    step("kubectl apply --server-side -f crds/ (the CRD, as this checkout generates it)")
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-demo",
+                    "-f", str(ROOT / "crds"), quiet=True)
+    step(f"helm upgrade --install {RELEASE} charts/forkless -n {CHART_NAMESPACE} -f hack/local-values.yaml "
+         "--skip-crds --wait")
     helm_env = {**cluster.env, **helm_home(STATE / "helm")}
     run(tool("helm"), "upgrade", "--install", RELEASE, str(ROOT / "charts" / "forkless"), "-n", CHART_NAMESPACE,
-        "--create-namespace", "-f", str(LOCAL_VALUES), "--wait", "--timeout", "180s", env=helm_env, quiet=True)
+        "--create-namespace", "-f", str(LOCAL_VALUES), "--skip-crds", "--wait", "--timeout", "180s",
+        env=helm_env, quiet=True)
     operator = (cluster.get("pods", "-n", CHART_NAMESPACE, "-l", "app.kubernetes.io/name=forkless") or {}).get("items", [])
     for pod in operator:
         note(f"operator pod {pod['metadata']['name']} on {pod['spec'].get('nodeName')}: {pod['status'].get('phase')}")

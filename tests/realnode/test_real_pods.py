@@ -83,7 +83,10 @@ def deployed(kube: Kube, real_node: RealNode, helm: Helm, tmp_path_factory: pyte
     models.chmod(0o755)
     pv = f"{CLAIM}-{namespace}"
     try:
-        helm("install", release, str(CHART), "--namespace", namespace, "-f", str(LOCAL_VALUES),
+        # The CRD as this checkout generates it (other modules' tests may have applied an older one).
+        kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests",
+                     "-f", str(REPO / "crds"))
+        helm("install", release, str(CHART), "--namespace", namespace, "-f", str(LOCAL_VALUES), "--skip-crds",
              "--set", f"watchNamespaces={{{namespace}}}", "--wait", "--timeout", "180s",
              kubeconfig=kube.kubeconfig, timeout=200)
         kube.apply(
