@@ -24,20 +24,14 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from forkless_operator.spec import API_VERSION, KIND, PLURAL
+from forkless_operator import kinds
+from forkless_operator.spec import API_VERSION, KIND
 
 FIELD_MANAGER = "forkless-operator"
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 
 # (apiVersion, kind) -> resource plural, for every kind the operator writes or reads.
-PLURALS = {
-    ("apps/v1", "Deployment"): "deployments",
-    ("v1", "Service"): "services",
-    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
-    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
-    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
-    (API_VERSION, KIND): PLURAL,
-}
+PLURALS = {(k.api_version, k.kind): k.plural for k in kinds.ALL}
 
 
 def object_path(api_version: str, kind: str, namespace: str, name: str, subresource: str | None = None) -> str:

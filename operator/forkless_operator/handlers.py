@@ -16,11 +16,8 @@ changes nothing changes neither.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -28,12 +25,20 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
-from forkless_operator import metrics
+from forkless_operator import kinds, metrics
 from forkless_operator.apply import Kube, get_kube, is_retryable
-from forkless_operator.render import CHILD_KINDS, render_children
+from forkless_operator.drift import AppliedChildren
+from forkless_operator.reconcile import (
+    apply_children,
+    freshest_deployment,
+    model_claim_problem,
+    parse,
+    validation_message,
+)
 from forkless_operator.settings import get_settings
-from forkless_operator.spec import API_VERSION, GROUP, PLURAL, InferenceService, InferenceServiceStatus
-from forkless_operator.status import APPLIED, Observation, compute_status, invalid_spec_status
+from forkless_operator.spec import API_VERSION, GROUP
+from forkless_operator.status import APPLIED, compute_status, invalid_spec_status
+from forkless_operator.status_cache import StatusCache
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 INSTANCE = "app.kubernetes.io/instance"
@@ -42,18 +47,16 @@ OWNED = {MANAGED_BY: OPERATOR}
 RETRY_DELAY_S = 10
 PEERING_NAME = "forkless-operator"
 
-ISVC = (API_VERSION, PLURAL)
-CHILD_RESOURCES = {
-    "Deployment": ("apps/v1", "deployments"),
-    "Service": ("v1", "services"),
-    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
-    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
-}
-PODS = ("v1", "pods")
+ISVC = kinds.INFERENCE_SERVICE.resource
+PODS = kinds.PODS.resource
 
 Key = tuple[str, str]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Index = kopf.Index[Key, dict[str, Any]]
+
+# What this process remembers: the last status written per InferenceService, what it applied per child.
+STATUS = StatusCache(on_write=metrics.REGISTRY.status_written)
+APPLIED_CHILDREN = AppliedChildren()
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
     if not settings.peering.mandatory:  # --peering NAME given on the command line wins
         settings.peering.name = PEERING_NAME
     # Only our children and their pods are streamed, filtered by the API server.
-    for selector in (*CHILD_RESOURCES.values(), PODS):
+    for selector in (*(child.resource for child in kinds.CHILDREN), PODS):
         settings.watching.label_selectors[selector] = f"{MANAGED_BY}={OPERATOR}"
     get_kube()  # fail at start-up, not at the first event, when no credentials can be found
     logger.info("forkless-operator configured; runtime image %s", get_settings().runtime_image)
@@ -102,7 +105,7 @@ def isvc_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> d
     return {(namespace or "", name): {"metadata": _metadata(body), "spec": dict(body.spec), "status": dict(body.status)}}
 
 
-@kopf.index(*CHILD_RESOURCES["Deployment"], labels=OWNED)
+@kopf.index(*kinds.DEPLOYMENT.resource, labels=OWNED)
 def deployment_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", name): {"metadata": _metadata(body), "spec": {"replicas": body.spec.get("replicas", 1)},
                                 "status": dict(body.status)}}
@@ -124,172 +127,17 @@ def _first(index: Index, key: Key) -> dict[str, Any] | None:
     return next(iter(index.get(key, [])), None)
 
 
-class StatusBook:
-    """Serializes the status writes of each InferenceService and remembers the last one.
-
-    A pod event and a reconcile of the same InferenceService run in different
-    threads; the lock keeps one from writing a status computed from the other's
-    stale view, and the memory makes identical recomputations write nothing.
-    """
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[Key, threading.Lock] = defaultdict(threading.Lock)
-        self._written: dict[Key, dict[str, Any]] = {}
-        self.problems: dict[Key, Observation | None] = {}
-        self.applied: dict[tuple[str, Key], Applied] = {}
-
-    def lock(self, key: Key) -> threading.Lock:
-        with self._guard:
-            return self._locks[key]
-
-    def previous(self, key: Key, stored: Mapping[str, Any] | None) -> InferenceServiceStatus | None:
-        status = self._written.get(key) or stored
-        if not status:
-            return None
-        try:
-            return InferenceServiceStatus.model_validate(status)
-        except ValidationError:
-            return None  # a status this version does not understand is recomputed from scratch
-
-    def write(self, kube: Kube, key: Key, status: dict[str, Any], stored: Mapping[str, Any] | None) -> None:
-        if status == (self._written.get(key) or stored):
-            return
-        kube.apply_status(key[0], key[1], status)
-        self._written[key] = status
-        metrics.REGISTRY.status_written()
-
-    def forget(self, key: Key) -> None:
-        with self._guard:
-            self._locks.pop(key, None)
-        self._written.pop(key, None)
-        self.problems.pop(key, None)
-        for kind in CHILD_RESOURCES:
-            self.applied.pop((kind, key), None)
-
-
-BOOK = StatusBook()
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What the operator last applied to a child: enough to tell someone else's edit from an echo."""
-
-    generation: int | None
-    resource_version: str
-    metadata: frozenset[tuple[str, str, str]]  # ("label"|"annotation", key, value) the operator sets
-
-
-def _our_metadata(manifest: Mapping[str, Any]) -> frozenset[tuple[str, str, str]]:
-    meta = manifest.get("metadata", {})
-    return frozenset(
-        [("label", k, v) for k, v in (meta.get("labels") or {}).items()]
-        + [("annotation", k, v) for k, v in (meta.get("annotations") or {}).items()]
-    )
-
-
-def _applied_state(manifest: Mapping[str, Any], response: Mapping[str, Any]) -> Applied:
-    meta = response.get("metadata", {})
-    generation = meta.get("generation")
-    return Applied(int(generation) if generation is not None else None, str(meta.get("resourceVersion", "")),
-                   _our_metadata(manifest))
-
-
-def _drifted(known: Applied, body: Mapping[str, Any]) -> bool:
-    """Someone else changed the child: our labels/annotations differ, or its spec moved past ours.
-
-    Only a NEWER generation counts, so late events from before the operator's own repair (the
-    Deployment controller's status updates of the edited generation) do not trigger another apply.
-    Kinds without a generation (Service) fall back to the resourceVersion.
-    """
-    meta = body.get("metadata", {})
-    if not known.metadata <= _our_metadata(body):
-        return True
-    generation = meta.get("generation")
-    if known.generation is not None and generation is not None:
-        return int(generation) > known.generation
-    return str(meta.get("resourceVersion", "")) != known.resource_version
-
-
-# --- reconcile ----------------------------------------------------------------------------------
-
-
-def _validation_message(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()
-    )
-
-
-def _parse(body: Mapping[str, Any]) -> InferenceService:
-    return InferenceService.model_validate(
-        {"metadata": body.get("metadata", {}), "spec": body.get("spec", {})}
-    )
-
-
-def apply_children(kube: Kube, isvc: InferenceService, *, prune: bool) -> dict[str, Any]:
-    """Server-side apply every rendered child; with ``prune``, delete the optional ones no longer rendered.
-
-    A new InferenceService has nothing to prune, which saves two requests per create.
-    """
-    key = (isvc.metadata.namespace, isvc.metadata.name)
-    applied: dict[str, Any] = {}
-    children = render_children(isvc, get_settings())
-    for api_version, kind in CHILD_KINDS:
-        manifest = children[kind]
-        if manifest is None:
-            BOOK.applied.pop((kind, key), None)
-            if prune:
-                kube.delete(api_version, kind, *key)
-            continue
-        applied[kind] = kube.apply(manifest)
-        BOOK.applied[(kind, key)] = _applied_state(manifest, applied[kind])
-    return applied
-
-
-def model_claim_problem(kube: Kube, isvc: InferenceService, body: kopf.Body) -> Observation | None:
-    """A pvc:// model whose claim does not exist: Ready=False and a Warning, not a retry loop."""
-    uri = isvc.spec.model.uri
-    if not uri.startswith("pvc://"):
-        return None
-    claim = uri.removeprefix("pvc://").split("/", 1)[0]
-    if kube.get("v1", "PersistentVolumeClaim", isvc.metadata.namespace, claim) is not None:
-        return None
-    message = (
-        f'persistentvolumeclaim "{claim}" must exist in namespace {isvc.metadata.namespace}: '
-        "the model is read from it"
-    )
-    kopf.warn(body, reason="ModelClaimNotFound", message=message)
-    return Observation(False, "ModelClaimNotFound", message)
-
-
 def _fail_permanently(kube: Kube, body: kopf.Body, key: Key, generation: int, reason: str, message: str) -> None:
-    previous = BOOK.previous(key, body.get("status"))
+    previous = STATUS.previous(key, body.get("status"))
     status = invalid_spec_status(message, generation, previous)
     if reason != "InvalidSpec":
         for condition in status["conditions"]:
             condition["reason"] = reason
-    with BOOK.lock(key):
-        BOOK.write(kube, key, status, body.get("status"))
+    with STATUS.lock(key):
+        STATUS.write(kube.apply_status, key, status, body.get("status"))
     kopf.warn(body, reason=reason, message=message)
     metrics.REGISTRY.error(reason)
     raise kopf.PermanentError(message)
-
-
-def freshest_deployment(
-    applied: Mapping[str, Any] | None, indexed: Mapping[str, Any] | None
-) -> Mapping[str, Any] | None:
-    """The Deployment a reconcile judges readiness by: the watch's view when it has the applied generation.
-
-    The apply response carries the status as it was when the spec was applied. Under load the
-    Deployment can become available before the reconcile writes its first status; the watch events
-    that said so reached ``refresh_status`` while there was no status yet, and were dropped. The
-    index already holds what they carried (kopf indexes an event before its handlers run), so it is
-    read under the status lock; any event indexed later finds the status written and refreshes it.
-    """
-    if applied is None or indexed is None:
-        return applied or indexed
-    same_generation = indexed.get("metadata", {}).get("generation") == applied.get("metadata", {}).get("generation")
-    return indexed if same_generation else applied
 
 
 @kopf.on.resume(*ISVC)
@@ -306,25 +154,28 @@ def reconcile(
     """Make the children match the spec, then write the status; the same steps whatever happened."""
     started = time.monotonic()
     kube = get_kube()
+    settings = get_settings()
     key = (namespace or "", name)
     pod_index: Index = kwargs["pod_index"]
     deployment_index: Index = kwargs["deployment_index"]
     generation = int(body.metadata.get("generation") or 0)
     try:
-        isvc = _parse(body)
+        isvc = parse(body)
     except ValidationError as error:
-        _fail_permanently(kube, body, key, generation, "InvalidSpec", _validation_message(error))
+        _fail_permanently(kube, body, key, generation, "InvalidSpec", validation_message(error))
         return
-    if not (isvc.spec.runtime.image or get_settings().runtime_image):
+    if not (isvc.spec.runtime.image or settings.runtime_image):
         _fail_permanently(
             kube, body, key, generation, "RuntimeImageNotConfigured",
             "spec.runtime.image must be set: the operator has no default runtime image configured",
         )
     try:
-        applied = apply_children(kube, isvc, prune=reason != kopf.Reason.CREATE)
-        problem = model_claim_problem(kube, isvc, body)
-        BOOK.problems[key] = problem
-        with BOOK.lock(key):
+        applied = apply_children(kube, isvc, APPLIED_CHILDREN, settings, prune=reason != kopf.Reason.CREATE)
+        problem = model_claim_problem(kube, isvc)
+        if problem is not None:
+            kopf.warn(body, reason=problem.reason, message=problem.message)
+        STATUS.problems[key] = problem
+        with STATUS.lock(key):
             status = compute_status(
                 isvc,
                 freshest_deployment(applied.get("Deployment"), _first(deployment_index, key)),
@@ -332,10 +183,10 @@ def reconcile(
                 generation,
                 reconciled=APPLIED,
                 problem=problem,
-                previous=BOOK.previous(key, body.get("status")),
-                settings=get_settings(),
+                previous=STATUS.previous(key, body.get("status")),
+                settings=settings,
             )
-            BOOK.write(kube, key, status, body.get("status"))
+            STATUS.write(kube.apply_status, key, status, body.get("status"))
     except ApiException as error:
         metrics.REGISTRY.error(f"Api{error.status}")
         if is_retryable(error):
@@ -367,28 +218,24 @@ def refresh_status(
 ) -> None:
     """Recompute the status from the children as they are now; write it only if it changed."""
     try:
-        isvc = _parse(isvc_body)
+        isvc = parse(isvc_body)
     except ValidationError:
         return  # reconcile already wrote InvalidSpec
     stored = isvc_body.get("status")
-    with BOOK.lock(key):
-        previous = BOOK.previous(key, stored)
+    with STATUS.lock(key):
+        previous = STATUS.previous(key, stored)
         if previous is None or previous.observed_generation is None:
             return  # not reconciled yet: reconcile writes the first status
         status = compute_status(
             isvc, deployment, pods, previous.observed_generation,
-            problem=BOOK.problems.get(key), previous=previous, settings=get_settings(),
+            problem=STATUS.problems.get(key), previous=previous, settings=get_settings(),
         )
-        BOOK.write(get_kube(), key, status, stored)
+        STATUS.write(get_kube().apply_status, key, status, stored)
 
 
-def _on_child_event(
-    kind: str,
-    event_type: str | None,
-    body: kopf.Body,
-    namespace: str | None,
-    kwargs: Mapping[str, Any],
-) -> None:
+def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespace: str | None,
+                    kwargs: Mapping[str, Any]) -> None:
+    """An event of a child: re-apply it if someone else changed it; a Deployment's also refreshes status."""
     isvc_index: Index = kwargs["isvc_index"]
     deployment_index: Index = kwargs["deployment_index"]
     pod_index: Index = kwargs["pod_index"]
@@ -400,14 +247,12 @@ def _on_child_event(
     isvc_body = _first(isvc_index, key)
     if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
         return  # the owner is gone or going: the garbage collector removes the children
-    known = BOOK.applied.get((kind, key))
-    drifted = event_type == "DELETED" or (known is not None and _drifted(known, body))
     try:
-        if drifted and known is not None:
+        if APPLIED_CHILDREN.needs_repair(kind, key, event_type, body):
             logger.warning("%s %s/%s drifted from what the operator applied; applying it again", kind, *key)
             metrics.REGISTRY.error("Drift")
-            apply_children(get_kube(), _parse(isvc_body), prune=False)
-        if kind == "Deployment":
+            apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False)
+        if kind == kinds.DEPLOYMENT.kind:
             deployment = None if event_type == "DELETED" else _first(deployment_index, key)
             refresh_status(key, isvc_body, deployment, pod_index.get(key, []))
     except (ApiException, HTTPError, ValidationError) as error:
@@ -415,24 +260,17 @@ def _on_child_event(
         logger.warning("cannot handle the %s event of %s/%s: %s", kind, *key, error)
 
 
-@kopf.on.event(*CHILD_RESOURCES["Deployment"], labels=OWNED)
-def deployment_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
-    _on_child_event("Deployment", type, body, namespace, kwargs)
+def _watch_child(child: kinds.Kind) -> None:
+    """One event handler per child kind (kinds.CHILDREN), all doing the same."""
+
+    def on_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+        _on_child_event(child.kind, type, body, namespace, kwargs)
+
+    kopf.on.event(*child.resource, labels=OWNED, id=f"{child.kind.lower()}_event")(on_event)
 
 
-@kopf.on.event(*CHILD_RESOURCES["Service"], labels=OWNED)
-def service_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
-    _on_child_event("Service", type, body, namespace, kwargs)
-
-
-@kopf.on.event(*CHILD_RESOURCES["HorizontalPodAutoscaler"], labels=OWNED)
-def hpa_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
-    _on_child_event("HorizontalPodAutoscaler", type, body, namespace, kwargs)
-
-
-@kopf.on.event(*CHILD_RESOURCES["PodDisruptionBudget"], labels=OWNED)
-def pdb_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
-    _on_child_event("PodDisruptionBudget", type, body, namespace, kwargs)
+for _child in kinds.CHILDREN:
+    _watch_child(_child)
 
 
 @kopf.on.event(*PODS, labels=OWNED)
@@ -460,4 +298,6 @@ async def forget_deleted(type: str | None, namespace: str | None, name: str, **_
     in the event loop it costs no hop to the handler threads.
     """
     if type == "DELETED":
-        BOOK.forget((namespace or "", name))
+        key = (namespace or "", name)
+        STATUS.forget(key)
+        APPLIED_CHILDREN.forget(key)

@@ -425,17 +425,8 @@ def render_pdb(isvc: InferenceService, settings: Settings | None = None) -> dict
     }
 
 
-# Children the operator may create, in apply order; optional ones are deleted when no longer rendered.
-CHILD_KINDS = (
-    ("apps/v1", "Deployment"),
-    ("v1", "Service"),
-    ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    ("policy/v1", "PodDisruptionBudget"),
-)
-
-
 def render_children(isvc: InferenceService, settings: Settings | None = None) -> dict[str, dict[str, Any] | None]:
-    """Every child by kind; None marks a kind this InferenceService must not have."""
+    """Every child by kind (forkless_operator.kinds.CHILDREN); None marks a kind this InferenceService must not have."""
     settings = settings or get_settings()
     return {
         "Deployment": render_deployment(isvc, settings),

@@ -30,14 +30,13 @@ def check_model(settings: Settings) -> int:
     import asyncio
 
     from .batching.batcher import Batcher
-    from .frontend.metrics import Metrics
+    from .pool.metrics import NullMetrics
     from .pool.supervisor import WorkerPool
 
     async def run() -> int:
         failure: list[str] = []
         batcher = Batcher(1, 0, 1)
-        pool = WorkerPool(settings.replace(workers=1, max_load_attempts=1), batcher, Metrics(settings.model_name),
-                          failure.append)
+        pool = WorkerPool(settings.replace(workers=1, max_load_attempts=1), batcher, NullMetrics(), failure.append)
         started = time.perf_counter()
         await pool.start()
         while pool.metadata is None and not failure:

@@ -1,10 +1,19 @@
-"""The little logic in handlers.py that is not a kopf decorator."""
+"""The logic the kopf handlers call, without kopf: which Deployment view status is judged by, drift
+detection, the status cache, and the one table of kinds (the cluster tests run them for real)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from forkless_operator.handlers import freshest_deployment
+import pytest
+from forkless_operator import kinds
+from forkless_operator.apply import PLURALS
+from forkless_operator.drift import AppliedChildren, applied_state, drifted
+from forkless_operator.reconcile import freshest_deployment, parse, validation_message
+from forkless_operator.render import render_children
+from forkless_operator.spec import InferenceService
+from forkless_operator.status_cache import StatusCache
+from pydantic import ValidationError
 
 
 def deployment(generation: int, available: int) -> dict[str, Any]:
@@ -27,3 +36,87 @@ def test_whichever_exists() -> None:
     assert freshest_deployment(only, None) is only
     assert freshest_deployment(None, only) is only
     assert freshest_deployment(None, None) is None
+
+
+# --- drift -------------------------------------------------------------------------------------
+
+MANIFEST = {"metadata": {"labels": {"app.kubernetes.io/name": "forkless-runtime"}, "annotations": {"a": "1"}}}
+
+
+def child(generation: int | None, resource_version: str = "1", labels: dict[str, str] | None = None,
+          annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"resourceVersion": resource_version,
+                            "labels": MANIFEST["metadata"]["labels"] if labels is None else labels,
+                            "annotations": MANIFEST["metadata"]["annotations"] if annotations is None else annotations}
+    if generation is not None:
+        meta["generation"] = generation
+    return {"metadata": meta}
+
+
+def test_our_own_echoes_are_not_drift() -> None:
+    known = applied_state(MANIFEST, child(3))
+    assert not drifted(known, child(3, resource_version="9"))  # the controller updated status
+    assert not drifted(known, child(2))  # a late event from before our apply
+    extra = {**MANIFEST["metadata"]["labels"], "someone/else": "x"}
+    assert not drifted(known, child(3, labels=extra))  # labels of other tools are theirs
+
+
+def test_edits_by_others_are_drift() -> None:
+    known = applied_state(MANIFEST, child(3))
+    assert drifted(known, child(4))  # spec changed past ours
+    assert drifted(known, child(3, labels={}))  # our label removed
+    assert drifted(known, child(3, annotations={"a": "2"}))  # our annotation changed
+    service = applied_state(MANIFEST, child(None, resource_version="5"))  # no generation: resourceVersion
+    assert not drifted(service, child(None, resource_version="5"))
+    assert drifted(service, child(None, resource_version="6"))
+
+
+def test_only_children_the_operator_applied_are_repaired() -> None:
+    record = AppliedChildren()
+    key = ("ns", "m")
+    assert not record.needs_repair("Deployment", key, "DELETED", child(1))  # never applied here
+    record.remember("Deployment", key, MANIFEST, child(1))
+    assert record.needs_repair("Deployment", key, "DELETED", child(1))
+    assert not record.needs_repair("Deployment", key, "MODIFIED", child(1))
+    record.forget(key)
+    assert not record.needs_repair("Deployment", key, "DELETED", child(1))
+
+
+# --- the status cache ------------------------------------------------------------------------------
+
+
+def test_an_identical_status_is_not_written_again() -> None:
+    written: list[tuple[str, str, dict[str, Any]]] = []
+    counted: list[int] = []
+    cache = StatusCache(on_write=lambda: counted.append(1))
+    status = {"observedGeneration": 1, "conditions": []}
+    assert cache.write(lambda *args: written.append(args), ("ns", "m"), status, stored=None)
+    assert not cache.write(lambda *args: written.append(args), ("ns", "m"), dict(status), stored=None)
+    assert not cache.write(lambda *args: written.append(args), ("ns", "x"), dict(status), stored=status)
+    assert written == [("ns", "m", status)] and counted == [1]
+    assert cache.previous(("ns", "m"), None).observed_generation == 1  # type: ignore[union-attr]
+    cache.forget(("ns", "m"))
+    assert cache.previous(("ns", "m"), None) is None
+
+
+def test_a_status_this_version_cannot_read_is_recomputed() -> None:
+    assert StatusCache().previous(("ns", "m"), {"conditions": "not a list"}) is None
+
+
+# --- parsing and the kinds table ------------------------------------------------------------------
+
+
+def test_an_invalid_spec_gives_a_message_naming_the_field() -> None:
+    with pytest.raises(ValidationError) as error:
+        parse({"metadata": {"name": "m"}, "spec": {"model": {"uri": "file:///m.pt"}, "runtime": {"workers": 0}}})
+    assert validation_message(error.value).startswith("spec.runtime.workers: workers must be at least 1")
+
+
+def test_every_rendered_child_kind_is_in_the_one_table_and_has_a_path() -> None:
+    body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u"},
+            "spec": {"model": {"uri": "file:///m.pt"}, "autoscaling": {"maxReplicas": 3}, "resources": {"cpu": 1}}}
+    children = render_children(InferenceService.model_validate(body))
+    assert list(children) == [child.kind for child in kinds.CHILDREN]
+    for manifest in children.values():
+        assert manifest is not None
+        assert (manifest["apiVersion"], manifest["kind"]) in PLURALS

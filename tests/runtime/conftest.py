@@ -84,18 +84,20 @@ class Server:
                     pids[int(labels["worker"].strip('"'))] = int(labels["pid"].strip('"'))
         return pids
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 120, workers: int = 1) -> None:
+        """Ready, and ``workers`` workers loaded: readiness alone turns true with the first worker, and a
+        test about two workers must not start while the second still loads."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
             try:
-                if self.client.get("/v2/health/ready").status_code == 200:
+                if self.client.get("/v2/health/ready").status_code == 200 and len(self.worker_pids()) >= workers:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"server not ready within {timeout}s:\n{self.log()[-4000:]}")
+        raise AssertionError(f"server not ready with {workers} worker(s) within {timeout}s:\n{self.log()[-4000:]}")
 
     def metric(self, name: str) -> float:
         """Sum of every sample of a metric (over its labels)."""
@@ -121,14 +123,17 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
                  command: list[str] | None = None) -> Server:
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
-    full_env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
+    # The test handlers' directory, then whatever the caller's path holds (a checkout under test).
+    python_path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     argv = [*(command or [CLI]), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                    start_new_session=True)
     server = Server(process, port, log_path)
     if wait:
-        server.wait_ready()
+        workers = args[args.index("--workers") + 1] if "--workers" in args else (env or {}).get("FORKLESS_WORKERS", "1")
+        server.wait_ready(workers=int(workers))
     return server
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-from forkless_runtime.pool.channel import ShmRing, decode_frame, encode_frame, pack_tensors, unpack_tensors
+from forkless_runtime.channel import ShmRing, decode_frame, encode_frame, pack_tensors, unpack_tensors
 from forkless_runtime.protocol import v1, v2
 from forkless_runtime.protocol.tensors import NamedTensor, ProtocolError, pack_bytes
 

@@ -1,9 +1,13 @@
-"""The central dynamic batcher: a bounded FIFO of requests, drained into batches for idle workers.
+"""The dynamic batcher: a bounded FIFO of requests and the rule that cuts a batch from its head.
 
-A batch goes to a worker when one is idle and either the batch is full, the oldest request has
-waited `max_delay`, or nothing is in flight anywhere (so a lone request never waits out the
-delay). Under load, requests pile up while every worker is busy, and the next idle worker takes
-up to `max_batch_size` samples of them at once: the worker hop is paid once per batch.
+It is passive: the pool asks for a batch only when a worker can start one (the pool owns every
+scheduling decision), so a batch's members are chosen at the last moment, from everything that
+arrived until then. It never calls out, keeps no clock of its own (``now`` is given), and needs
+no event loop: the unit tests drive it directly.
+
+The rule: take up to `max_batch_size` samples of compatible requests from the head, at once when
+the batch is full, when no worker is busy (a lone request never waits out the delay), or when the
+oldest request has waited `max_delay`; otherwise say how long to wait.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Protocol
 
 import numpy as np
 
@@ -24,10 +27,11 @@ class Request:
 
     __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "retried", "size", "timer")
 
-    def __init__(self, inputs: list[NamedTensor], future: asyncio.Future, batchable: bool) -> None:
+    def __init__(self, inputs: list[NamedTensor], future: asyncio.Future, batchable: bool,
+                 enqueued: float | None = None) -> None:
         self.inputs = inputs
         self.future = future
-        self.enqueued = time.perf_counter()
+        self.enqueued = time.perf_counter() if enqueued is None else enqueued
         self.retried = False
         self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None  # wall-clock time.time(), comparable in the worker process
@@ -41,20 +45,12 @@ class Request:
             self.key = object()
 
 
-class Dispatcher(Protocol):
-    def idle_worker(self) -> object | None: ...
-    def busy(self) -> bool: ...
-    def send(self, worker: object, requests: list[Request]) -> None: ...
-
-
 class Batcher:
     def __init__(self, max_batch_size: int, max_delay_s: float, max_queue: int) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.queue: deque[Request] = deque()
-        self.dispatcher: Dispatcher | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -63,32 +59,27 @@ class Batcher:
         if len(self.queue) >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
         self.queue.append(request)
-        self.pump()
 
     def requeue(self, requests: list[Request]) -> None:
         """Put requests back at the head (their worker died); they keep their place in line."""
         self.queue.extendleft(reversed(requests))
-        self.pump()
 
-    def pump(self) -> None:
-        dispatcher = self.dispatcher
-        if dispatcher is None:
-            return
+    def next_batch(self, now: float, workers_busy: bool) -> list[Request] | float | None:
+        """The batch a worker should start now; else the seconds to wait for it to fill; None when empty.
+
+        ``workers_busy``: some worker is running a batch, so waiting can pay off (another batch's
+        worth of requests is on its way); with every worker idle a request never waits.
+        """
         queue = self.queue
-        while queue:
-            while queue and queue[0].future.done():  # timed out while waiting
-                queue.popleft()
-            if not queue:
-                return
-            worker = dispatcher.idle_worker()
-            if worker is None:
-                return
-            if self.max_delay_s > 0 and dispatcher.busy() and not self._full():
-                waited = time.perf_counter() - queue[0].enqueued
-                if waited < self.max_delay_s:
-                    self._wake_in(self.max_delay_s - waited)
-                    return
-            dispatcher.send(worker, self._take())
+        while queue and queue[0].future.done():  # timed out or cancelled while waiting
+            queue.popleft()
+        if not queue:
+            return None
+        if self.max_delay_s > 0 and workers_busy and not self._full():
+            left = queue[0].enqueued + self.max_delay_s - now
+            if left > 0:
+                return left
+        return self._take()
 
     def _full(self) -> bool:
         head = self.queue[0]
@@ -116,15 +107,6 @@ class Batcher:
             batch.append(queue.popleft())
             total += nxt.size
         return batch
-
-    def _wake_in(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.pump()
 
     def fail_all(self, error: Exception) -> None:
         while self.queue:

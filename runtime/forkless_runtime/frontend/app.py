@@ -242,7 +242,7 @@ class App:
             request.timer = loop.call_later(self.settings.request_timeout_s, _expire, future,
                                             self.settings.request_timeout_s)
         try:
-            self.batcher.submit(request)
+            self.pool.submit(request)
         except ServingError:
             if request.timer is not None:
                 request.timer.cancel()

@@ -1,8 +1,11 @@
-"""The worker pool: spawns model workers, dispatches batches least-loaded first, heals crashes.
+"""The worker pool: spawns model workers, owns every scheduling decision, heals crashes.
 
-Runs inside the front-end's event loop and never imports torch. Each worker is a process
-started with `spawn` or `forkserver` and a socket pair; a dead worker's in-flight requests are
-retried once on another worker (inference is idempotent) or answered 503, never left hanging.
+Runs inside the front-end's event loop and never imports torch (nor the worker's code: it spawns
+`channel.worker_entry`, which imports the worker module in the child). Each worker is a process
+started with `spawn` or `forkserver` and a socket pair. `pump()` is the one place where batches
+are formed and sent: when a worker can start one (`dispatch.choose`), it asks the batcher for
+the batch to start now. A dead worker's in-flight requests are retried once on another worker
+(inference is idempotent) or answered 503, never left hanging.
 """
 
 from __future__ import annotations
@@ -11,28 +14,39 @@ import asyncio
 import logging
 import multiprocessing
 import socket
-import struct
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ..batching.batcher import Batcher, Request, concatenate
+from ..channel import (
+    ERR,
+    FRAME_SIZE,
+    LOAD_ERROR,
+    OK,
+    READY,
+    ShmRing,
+    WorkerSpec,
+    decode_frame,
+    infer_message,
+    pack_tensors,
+    stop_message,
+    unpack_tensors,
+    worker_entry,
+)
 from ..errors import ModelError, WorkerDied
-from ..frontend.metrics import Metrics
 from ..protocol.tensors import NamedTensor
 from ..settings import Settings
-from ..worker.main import WorkerSpec
-from ..worker.main import run as worker_entry
-from .channel import ShmRing, decode_frame, encode_frame, pack_tensors, unpack_tensors
+from . import dispatch
+from .metrics import PoolMetrics
 from .resources import default_threads, visible_gpus
 
 log = logging.getLogger("forkless.pool")
 
-_SIZE = struct.Struct("!i")  # multiprocessing.Connection's frame prefix
 RING_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF_S = 30.0
-PIPELINE_DEPTH = 2
+BATCH_SECONDS_WEIGHT = 0.2  # of the newest batch in a worker's running average of its batch time
 
 
 class _Channel(asyncio.Protocol):
@@ -53,7 +67,7 @@ class _Channel(asyncio.Protocol):
         start = 0
         end = len(buffer)
         while end - start >= 4:
-            (size,) = _SIZE.unpack_from(buffer, start)
+            (size,) = FRAME_SIZE.unpack_from(buffer, start)
             if end - start - 4 < size:
                 break
             frame = bytes(buffer[start + 4 : start + 4 + size])
@@ -67,7 +81,7 @@ class _Channel(asyncio.Protocol):
 
     def send(self, frame: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(_SIZE.pack(len(frame)) + frame)
+        self.transport.write(FRAME_SIZE.pack(len(frame)) + frame)
 
 
 class _Batch:
@@ -92,17 +106,32 @@ class Worker:
         self.channel: _Channel | None = None
         self.ready = False
         self.stopping = False
-        self.inflight: dict[int, _Batch] = {}
+        self.inflight: dict[int, _Batch] = {}  # in the order sent
+        self.samples_in_flight = 0
         self.last_used = 0.0
+        self.batch_seconds: float | None = None
         self.load_failures = 0
         self.crashes = 0
         self.last_error: str | None = None
         self.gpu_memory: int | None = None
         self.pid: int | None = None
 
+    # The load dispatch.choose reads.
+    @property
+    def batches_in_flight(self) -> int:
+        return len(self.inflight)
+
+    @property
+    def oldest_sent(self) -> float:
+        return next(iter(self.inflight.values())).sent if self.inflight else 0.0
+
+    def record_batch_time(self, seconds: float) -> None:
+        previous = self.batch_seconds
+        self.batch_seconds = seconds if previous is None else previous + BATCH_SECONDS_WEIGHT * (seconds - previous)
+
 
 class WorkerPool:
-    def __init__(self, settings: Settings, batcher: Batcher, metrics: Metrics,
+    def __init__(self, settings: Settings, batcher: Batcher, metrics: PoolMetrics,
                  on_fatal: Callable[[str], None]) -> None:
         self.settings = settings
         self.batcher = batcher
@@ -114,7 +143,7 @@ class WorkerPool:
         self._next_batch = 0
         self._stopping = False
         self._restarts: set[asyncio.Task] = set()
-        batcher.dispatcher = self
+        self._timer: asyncio.TimerHandle | None = None
 
     # --- layout: which GPU and how many threads each worker gets -------------------------
     def plan(self) -> list[WorkerSpec]:
@@ -175,27 +204,40 @@ class WorkerPool:
         await loop.create_unix_connection(lambda: channel, sock=parent_sock)
         worker.channel = channel
 
-    # --- the Dispatcher interface the batcher drives --------------------------------------
-    def idle_worker(self) -> Worker | None:
-        """The ready worker with the fewest batches in flight, if any has room.
+    # --- scheduling: the one place batches are formed and sent --------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request (QueueFull when the queue is full) and start what can start now."""
+        self.batcher.submit(request)
+        self.pump()
 
-        Each worker may hold PIPELINE_DEPTH batches: the next one waits in its socket while the
-        current one runs, so a worker never idles while the front-end is busy parsing requests.
-        On a tie the most recently used worker wins: at low load one worker keeps its caches warm.
-        """
-        best: Worker | None = None
-        for worker in self.workers:
-            if not worker.ready or len(worker.inflight) >= PIPELINE_DEPTH:
-                continue
-            if best is None or (len(worker.inflight), -worker.last_used) < (len(best.inflight), -best.last_used):
-                best = worker
-        return best
+    def pump(self) -> None:
+        """While a worker can start a batch, give it the batch the batcher cuts for it now."""
+        while True:
+            index = dispatch.choose(self.workers)
+            if index is None:
+                return
+            batch = self.batcher.next_batch(time.perf_counter(), self.busy())
+            if batch is None:
+                return
+            if isinstance(batch, float):  # waiting for the batch to fill, at most until its deadline
+                self._wake_in(batch)
+                return
+            self._send(self.workers[index], batch)
+
+    def _wake_in(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.pump()
 
     def busy(self) -> bool:
         return any(worker.inflight for worker in self.workers)
 
-    def send(self, worker: object, requests: list[Request]) -> None:
-        assert isinstance(worker, Worker) and worker.channel is not None
+    def _send(self, worker: Worker, requests: list[Request]) -> None:
+        assert worker.channel is not None
         self._next_batch += 1
         batch_id = self._next_batch
         if worker.ring is not None and not worker.inflight:
@@ -209,38 +251,40 @@ class WorkerPool:
         size = sum(r.size for r in requests)
         batch = _Batch(batch_id, requests, allocations, size)
         worker.inflight[batch_id] = batch
+        worker.samples_in_flight += size
         worker.last_used = batch.sent
         now = batch.sent
         for request in requests:
             self.metrics.queue_seconds.observe(now - request.enqueued)
         self.metrics.batch_size.observe(size)
-        header: dict[str, Any] = {"t": "infer", "id": batch_id, "inputs": descriptions}
         deadlines = [r.deadline for r in requests]
-        if None not in deadlines:  # the worker skips a batch nobody waits for any more
-            header["deadline"] = max(deadlines)  # type: ignore[type-var]
-        worker.channel.send(encode_frame(header, payload))
+        deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
+        worker.channel.send(infer_message(batch_id, descriptions, payload, deadline))
 
     # --- frames from workers -----------------------------------------------------------------
     def _on_frame(self, worker: Worker, frame: bytes) -> None:
         header, inline = decode_frame(frame)
         kind = header["t"]
-        if kind in ("ok", "err"):
+        if kind in (OK, ERR):
             batch = worker.inflight.pop(header["id"], None)
             if worker.ring is not None and batch is not None:
                 for offset in batch.allocations:
                     worker.ring.release(offset)
             if header.get("gpu_mem") is not None:
                 worker.gpu_memory = header["gpu_mem"]
+            if header.get("busy_s") is not None:
+                worker.record_batch_time(header["busy_s"])
             if batch is not None:
+                worker.samples_in_flight -= batch.size
                 self.metrics.inference_seconds.observe(time.perf_counter() - batch.sent)
-                if kind == "ok":
+                if kind == OK:
                     worker.crashes = 0
                     self._resolve(batch, unpack_tensors(header["outputs"], inline, None))
                 else:
                     for request in batch.requests:
                         self._finish(request, exception=ModelError(header["error"]))
-            self.batcher.pump()
-        elif kind == "ready":
+            self.pump()
+        elif kind == READY:
             worker.ready = True
             worker.load_failures = 0
             worker.last_error = None
@@ -248,8 +292,8 @@ class WorkerPool:
             if self.metadata is None:
                 self.metadata = header["meta"]
             log.info("worker %d ready (pid %s)", worker.slot, header.get("pid"))
-            self.batcher.pump()
-        elif kind == "load_error":
+            self.pump()
+        elif kind == LOAD_ERROR:
             worker.last_error = header["error"]
             worker.load_failures += 1
 
@@ -303,6 +347,7 @@ class WorkerPool:
                     request.retried = True
                     orphans.append(request)
         worker.inflight.clear()
+        worker.samples_in_flight = 0
         if worker.ring is not None:
             worker.ring.reset()
         if self._stopping or worker.stopping:
@@ -310,6 +355,7 @@ class WorkerPool:
         if orphans:
             self.metrics.retried_requests += len(orphans)
             self.batcher.requeue(orphans)
+            self.pump()
         if not was_ready and worker.last_error is None:  # died before it could even report
             worker.load_failures += 1
             worker.last_error = "the worker process died while loading the model (see its log above)"
@@ -354,6 +400,8 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop every worker: ask politely, then kill; leave no process and no shared memory behind."""
         self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
         for task in list(self._restarts):
             task.cancel()
         loop = asyncio.get_running_loop()
@@ -361,7 +409,7 @@ class WorkerPool:
             worker.stopping = True
             if worker.channel is not None and worker.channel.transport is not None:
                 try:
-                    worker.channel.send(encode_frame({"t": "stop"}))
+                    worker.channel.send(stop_message())
                     worker.channel.transport.close()
                 except (OSError, RuntimeError):
                     pass

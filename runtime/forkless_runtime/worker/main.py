@@ -16,35 +16,23 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..channel import (
+    STOP,
+    WorkerSpec,
+    decode_frame,
+    err_message,
+    load_error_message,
+    map_ring,
+    ok_message,
+    ready_message,
+    unpack_tensors,
+)
 from ..logs import configure_logging
-from ..pool.channel import decode_frame, encode_frame, map_ring, pack_tensors, unpack_tensors
 
 log = logging.getLogger("forkless.worker")
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Plain data a worker needs; pickled by multiprocessing when it spawns the worker."""
-
-    worker_id: int
-    format: str
-    model_path: str
-    handler: str | None
-    device: str  # "cpu" or "cuda"
-    gpu: str | None  # the one GPU id this worker sees as cuda:0
-    threads: int
-    gpu_memory_fraction: float | None
-    ring_name: str | None
-    ring_size: int
-    log_format: str = "text"
-    log_level: str = "info"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def apply_environment(spec: WorkerSpec) -> None:
@@ -126,11 +114,10 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
         message = f"{type(exc).__name__}: {exc}"
         log.error("model failed to load: %s", message)
         with contextlib.suppress(OSError):
-            conn.send_bytes(encode_frame({"t": "load_error", "error": message}))
+            conn.send_bytes(load_error_message(message))
         sys.exit(1)
 
-    conn.send_bytes(encode_frame({"t": "ready", "meta": model.metadata(), "pid": os.getpid(),
-                                  "gpu_mem": gpu_memory_bytes(spec)}))
+    conn.send_bytes(ready_message(model.metadata(), os.getpid(), gpu_memory_bytes(spec)))
     serve(conn, model.predict, ring, spec)
 
 
@@ -141,25 +128,24 @@ def serve(conn: Connection, predict: Any, ring: memoryview | None, spec: WorkerS
         except (EOFError, OSError):
             return  # the front-end is gone or closed the channel: stop
         header, inline = decode_frame(frame)
-        if header.get("t") == "stop":
+        if header.get("t") == STOP:
             return
         batch_id = header["id"]
         deadline = header.get("deadline")
         if deadline is not None and time.time() > deadline:
-            reply = encode_frame({"t": "err", "id": batch_id, "error": "the request timed out before it ran"})
+            reply = err_message(batch_id, "the request timed out before it ran")
             try:
                 conn.send_bytes(reply)
             except OSError:
                 return
             continue
+        started = time.perf_counter()
         try:
             outputs = predict(unpack_tensors(header["inputs"], inline, ring))
-            descriptions, payload, _ = pack_tensors([(t.name, [t.array]) for t in outputs])
-            reply = encode_frame({"t": "ok", "id": batch_id, "outputs": descriptions,
-                                  "gpu_mem": gpu_memory_bytes(spec)}, payload)
+            reply = ok_message(batch_id, outputs, time.perf_counter() - started, gpu_memory_bytes(spec))
         except Exception as exc:  # the model raised: answer 500 with the message, keep serving
             log.warning("batch %s failed: %s", batch_id, "".join(traceback.format_exception_only(exc)).strip())
-            reply = encode_frame({"t": "err", "id": batch_id, "error": short_error(exc)})
+            reply = err_message(batch_id, short_error(exc), time.perf_counter() - started)
         try:
             conn.send_bytes(reply)
         except OSError:

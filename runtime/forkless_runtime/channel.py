@@ -1,33 +1,109 @@
-"""The wire between the front-end and a worker: one framed message per batch, tensors in shared memory.
+"""The wire between the front-end and a worker, the one module both sides import: what a worker
+is spawned with, the messages each side sends, their framing, and tensors in shared memory.
 
 A frame is `[u32 header length][JSON header][inline payload]`, carried in
-multiprocessing.Connection's length-prefixed framing (a `!i` size first), so the blocking worker
-side can use `Connection.recv_bytes`/`send_bytes` and the asyncio side reads the same bytes.
+multiprocessing.Connection's length-prefixed framing (`FRAME_SIZE`, a `!i` size first), so the
+blocking worker side can use `Connection.recv_bytes`/`send_bytes` and the asyncio side reads the
+same bytes. Every message is built by one function below and named by one constant.
 
 Large input tensors are written once into a shared-memory ring that the front-end owns (one per
 worker) and the worker maps; the worker answers batches in order, so the ring frees in FIFO order.
-Only torch-free code lives here: both processes import it.
+Only torch-free code lives here, and nothing of the front-end, the batcher or the pool.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import mmap
 import os
 import struct
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import orjson
 
-from ..protocol.tensors import NamedTensor, pack_bytes, unpack_bytes
+from .protocol.tensors import NamedTensor, pack_bytes, unpack_bytes
 
+FRAME_SIZE = struct.Struct("!i")  # multiprocessing.Connection's frame prefix
 _U32 = struct.Struct("<I")
 SHM_MIN_BYTES = 16 * 1024  # smaller tensors ride inline: a memcpy into the frame is cheaper than bookkeeping
 SHM_DIR = "/dev/shm"
+
+# The module the spawned process runs; the front-end names it and never imports it.
+WORKER_MODULE = "forkless_runtime.worker.main"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Plain data a worker needs; pickled by multiprocessing when it spawns the worker."""
+
+    worker_id: int
+    format: str
+    model_path: str
+    handler: str | None
+    device: str  # "cpu" or "cuda"
+    gpu: str | None  # the one GPU id this worker sees as cuda:0
+    threads: int
+    gpu_memory_fraction: float | None
+    ring_name: str | None
+    ring_size: int
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def worker_entry(spec: dict[str, Any], conn: Connection) -> None:
+    """The target a worker process is spawned with: imports the worker's code in the child only."""
+    importlib.import_module(WORKER_MODULE).run(spec, conn)
+
+
+# --- messages: front-end -> worker -------------------------------------------------------------
+INFER = "infer"  # a batch: {"id", "inputs", "deadline"?} + tensors
+STOP = "stop"  # finish and exit
+# --- messages: worker -> front-end -------------------------------------------------------------
+READY = "ready"  # the model loaded: {"meta", "pid", "gpu_mem"}
+LOAD_ERROR = "load_error"  # the model cannot load: {"error"}; the worker exits
+OK = "ok"  # a batch answered: {"id", "outputs", "busy_s", "gpu_mem"} + tensors
+ERR = "err"  # a batch failed: {"id", "error", "busy_s"}
+
+
+def infer_message(batch_id: int, inputs: list[dict[str, Any]], payload: list[bytes | memoryview],
+                  deadline: float | None) -> bytes:
+    header: dict[str, Any] = {"t": INFER, "id": batch_id, "inputs": inputs}
+    if deadline is not None:
+        header["deadline"] = deadline  # wall-clock: the worker skips a batch nobody waits for any more
+    return encode_frame(header, payload)
+
+
+def stop_message() -> bytes:
+    return encode_frame({"t": STOP})
+
+
+def ready_message(meta: dict[str, Any], pid: int, gpu_mem: int | None) -> bytes:
+    return encode_frame({"t": READY, "meta": meta, "pid": pid, "gpu_mem": gpu_mem})
+
+
+def load_error_message(error: str) -> bytes:
+    return encode_frame({"t": LOAD_ERROR, "error": error})
+
+
+def ok_message(batch_id: int, outputs: list[NamedTensor], busy_s: float, gpu_mem: int | None) -> bytes:
+    """``busy_s``: the seconds the worker spent on the batch, which tells the pool whether
+    pipelining pays for this model."""
+    descriptions, payload, _ = pack_tensors([(t.name, [t.array]) for t in outputs])
+    header = {"t": OK, "id": batch_id, "outputs": descriptions, "busy_s": busy_s, "gpu_mem": gpu_mem}
+    return encode_frame(header, payload)
+
+
+def err_message(batch_id: int, error: str, busy_s: float = 0.0) -> bytes:
+    return encode_frame({"t": ERR, "id": batch_id, "error": error, "busy_s": busy_s})
 
 
 def encode_frame(header: dict[str, Any], payload: list[bytes | memoryview] | None = None) -> bytes:

@@ -1,0 +1,38 @@
+"""Every kind the operator reads or writes, written once: the children in apply order, and the rest.
+
+The renderers produce one manifest per child kind, the apply layer builds paths from the
+plurals, the handlers watch each child kind, and the status cache forgets them all: each reads
+this table, so a new child kind is added in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forkless_operator.spec import API_VERSION, KIND, PLURAL
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+
+    @property
+    def resource(self) -> tuple[str, str]:
+        """(apiVersion, plural): how kopf's decorators name a resource."""
+        return self.api_version, self.plural
+
+
+DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
+SERVICE = Kind("v1", "Service", "services")
+HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
+PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+# The children, in apply order; optional ones (HPA, PDB) are deleted when no longer rendered.
+CHILDREN = (DEPLOYMENT, SERVICE, HPA, PDB)
+
+PODS = Kind("v1", "Pod", "pods")
+PVC = Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims")
+INFERENCE_SERVICE = Kind(API_VERSION, KIND, PLURAL)
+
+ALL = (*CHILDREN, PODS, PVC, INFERENCE_SERVICE)

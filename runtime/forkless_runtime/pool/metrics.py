@@ -1,0 +1,30 @@
+"""What the pool records, as an interface: the front-end's registry provides it, and the pool never
+imports the front-end. `NullMetrics` serves where nothing is exported (`forkless-runtime check`)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Observer(Protocol):
+    def observe(self, value: float) -> None: ...
+
+
+class PoolMetrics(Protocol):
+    queue_seconds: Observer  # time a request waited before its batch was sent
+    inference_seconds: Observer  # a batch's round trip through its worker
+    batch_size: Observer  # samples per batch
+    retried_requests: int
+    worker_restarts: int
+
+
+class _Discard:
+    def observe(self, value: float) -> None:
+        pass
+
+
+class NullMetrics:
+    def __init__(self) -> None:
+        self.queue_seconds = self.inference_seconds = self.batch_size = _Discard()
+        self.retried_requests = 0
+        self.worker_restarts = 0
