@@ -39,6 +39,7 @@ serve: models
 
 test: venv
 	$(VENV)/bin/ruff check runtime operator tests bench hack
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
 
 test-fast: venv

@@ -11,9 +11,12 @@ class Observer(Protocol):
 
 
 class PoolMetrics(Protocol):
-    queue_seconds: Observer  # time a request waited before its batch was sent
-    inference_seconds: Observer  # a batch's round trip through its worker
-    batch_size: Observer  # samples per batch
+    @property
+    def queue_seconds(self) -> Observer: ...  # time a request waited before its batch was sent
+    @property
+    def inference_seconds(self) -> Observer: ...  # a batch's round trip through its worker
+    @property
+    def batch_size(self) -> Observer: ...  # samples per batch
     retried_requests: int
     worker_restarts: int
 
