@@ -113,8 +113,9 @@ stop_recorded() {
 stop_all() {
 	real_node_stop
 	stop_recorded "$state/pids"
-	real_node_cleanup
+	real_node_cleanup || host_dirty=1
 }
+host_dirty=0
 
 # Prints the log tail of a component, stops what was started and exits 1. The
 # state directory stays, for the logs; the next `up` starts afresh.
@@ -426,6 +427,7 @@ down() {
 	fi
 	down_quietly
 	say "stopped; removed $state"
+	((host_dirty == 0)) || exit 1
 }
 
 status() {

@@ -282,5 +282,35 @@ real_node_cleanup() {
 		rm -rf "$path"
 	done
 	[[ $(cat "$real_node_lock" 2>/dev/null) == "$state" ]] && rm -f "$real_node_lock"
+	local left
+	left=$(real_node_leftovers "$baseline")
 	rm -f "$baseline"
+	if [[ -n $left ]]; then
+		say "FAILED to leave the host as it was; still here:"
+		printf '  %s\n' "$left" >&2
+		return 1
+	fi
+}
+
+# What the node left behind on the host, one item per line (nothing when clean).
+real_node_leftovers() {
+	local baseline=$1 dir path table hierarchy
+	dir=$(node_state)
+	pgrep -af -- "$dir/" | sed 's/^/process /'
+	pgrep -af -- "containerd-shim-runc-v2 .*-address $dir/" | sed 's/^/shim /'
+	findmnt -rn -o TARGET | grep -F -- "$dir/" | sed 's/^/mount /'
+	ip netns list 2>/dev/null | awk '/^cni-/ { print "network namespace " $1 }'
+	ip link show "$real_node_bridge" >/dev/null 2>&1 && echo "bridge $real_node_bridge"
+	for hierarchy in /sys/fs/cgroup/*/; do
+		[[ -d ${hierarchy}kubepods ]] && echo "cgroup ${hierarchy}kubepods"
+	done
+	while read -r table; do
+		grep -qxF "$table" "$baseline" || echo "nftables $table"
+	done < <(nft list tables 2>/dev/null)
+	[[ $(cat /proc/sys/net/ipv4/ip_forward) == "$(awk '$1 == "ip_forward" { print $2 }' "$baseline")" ]] ||
+		echo "net.ipv4.ip_forward changed"
+	for path in /run/containerd /run/netns /var/lib/cni /var/log/containers /etc/cni /var/lib/containers; do
+		[[ -e $path ]] && ! grep -qxF "path $path" "$baseline" && echo "path $path"
+	done
+	return 0
 }

@@ -72,12 +72,15 @@ def served(models: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
             process.wait()
 
 
-def test_rendered_container_serves_and_stops_cleanly(served: tuple[subprocess.Popen[bytes], str, str]) -> None:
+def test_rendered_container_serves_and_stops_cleanly(
+    served: tuple[subprocess.Popen[bytes], str, str], models: Path
+) -> None:
     process, base, model = served
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
+    while True:  # every worker the rendered FORKLESS_WORKERS asks for, not just the first
         try:
-            if http("GET", f"{base}/v2/health/ready")[0] == 200:
+            metrics = httpx.get(f"{base}/metrics", timeout=10).text
+            if sum(1 for line in metrics.splitlines() if line.startswith("forkless_worker_up{") and line.endswith(" 1")) == 2:
                 break
         except httpx.TransportError:
             pass  # not listening yet
@@ -85,13 +88,16 @@ def test_rendered_container_serves_and_stops_cleanly(served: tuple[subprocess.Po
         assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S}s"
         time.sleep(0.2)
 
-    request = {"inputs": [{"name": "input-0", "shape": [1, 16], "datatype": "FP32",
-                           "data": [0.1 * i for i in range(16)]}]}
+    import torch
+
+    row = [0.1 * i for i in range(16)]
+    request = {"inputs": [{"name": "input-0", "shape": [1, 16], "datatype": "FP32", "data": row}]}
     status, answer = http("POST", f"{base}/v2/models/{model}/infer", request)
     assert status == 200, answer
     (output,) = answer["outputs"]
     assert output["shape"] == [1, 3]
-    assert len(output["data"]) == 3
+    expected = torch.jit.load(str(models / "mlp.pt")).forward(torch.tensor([row])).flatten().tolist()
+    assert output["data"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0

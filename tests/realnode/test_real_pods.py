@@ -175,15 +175,18 @@ def test_pods_start_from_the_built_image_and_answer_correctly_through_the_servic
 
     rows = [[0.1 * i + j for i in range(16)] for j in range(3)]
     expected = torch.jit.load(str(deployed.models / "mlp.pt"))(torch.tensor(rows)).tolist()
-    with httpx.Client() as client:
-        for _ in range(6):  # several connections' worth, so both pods answer through kube-proxy
+    before = {pod["metadata"]["name"]: served(pod) for pod in pods}
+    for _ in range(12):  # a new connection each: kube-proxy spreads them over both pods
+        with httpx.Client() as client:
             response = infer(client, deployed.url, rows)
             assert response.status_code == 200, response.text
             (output,) = response.json()["outputs"]
             assert output["shape"] == [3, 3]
             assert output["data"] == pytest.approx([x for row in expected for x in row], rel=1e-5, abs=1e-6)
+    with httpx.Client() as client:
         v1 = client.post(f"{deployed.url}/v1/models/{NAME}:predict", json={"instances": rows[:1]}, timeout=30)
         assert v1.status_code == 200 and v1.json()["predictions"][0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+    assert all(served(pod) > before[pod["metadata"]["name"]] for pod in pods), "both pods answer through the Service"
 
 
 def test_kubectl_logs_show_the_worker_lines(kube: Kube, deployed: Deployed) -> None:

@@ -119,6 +119,16 @@ class Server:
         return self.process.returncode
 
 
+def expected_workers(args: tuple[str, ...], env: dict[str, str]) -> str:
+    """The worker count a `serve` command line asks for: --workers N, --workers=N, else FORKLESS_WORKERS, else 1."""
+    for index, arg in enumerate(args):
+        if arg == "--workers":
+            return args[index + 1]
+        if arg.startswith("--workers="):
+            return arg.split("=", 1)[1]
+    return env.get("FORKLESS_WORKERS", "1")
+
+
 def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
                  command: list[str] | None = None) -> Server:
     port = free_port()
@@ -132,8 +142,7 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
                                    start_new_session=True)
     server = Server(process, port, log_path)
     if wait:
-        workers = args[args.index("--workers") + 1] if "--workers" in args else (env or {}).get("FORKLESS_WORKERS", "1")
-        server.wait_ready(workers=int(workers))
+        server.wait_ready(workers=int(expected_workers(args, full_env)))
     return server
 
 
