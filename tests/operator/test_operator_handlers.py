@@ -85,22 +85,87 @@ def test_only_children_the_operator_applied_are_repaired() -> None:
 # --- the status cache ------------------------------------------------------------------------------
 
 
+def status(generation: int = 1, ready: str = "False", reason: str = "Progressing", summary: str = "0/1") -> dict[str, Any]:
+    return {"observedGeneration": generation, "replicaSummary": summary,
+            "conditions": [{"type": "Ready", "status": ready, "reason": reason, "message": summary,
+                            "lastTransitionTime": "2026-11-25T00:00:00Z"}]}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_an_identical_status_is_not_written_again() -> None:
     written: list[tuple[str, str, dict[str, Any]]] = []
     counted: list[int] = []
-    cache = StatusCache(on_write=lambda: counted.append(1))
-    status = {"observedGeneration": 1, "conditions": []}
-    assert cache.write(lambda *args: written.append(args), ("ns", "m"), status, stored=None)
-    assert not cache.write(lambda *args: written.append(args), ("ns", "m"), dict(status), stored=None)
-    assert not cache.write(lambda *args: written.append(args), ("ns", "x"), dict(status), stored=status)
-    assert written == [("ns", "m", status)] and counted == [1]
+    cache = StatusCache(on_write=lambda: counted.append(1), background=False)
+    first = status()
+    assert cache.write(lambda *args: written.append(args), ("ns", "m"), first, stored=None)
+    assert not cache.write(lambda *args: written.append(args), ("ns", "m"), dict(first), stored=None)
+    assert not cache.write(lambda *args: written.append(args), ("ns", "x"), dict(first), stored=first)
+    assert written == [("ns", "m", first)] and counted == [1]
     assert cache.previous(("ns", "m"), None).observed_generation == 1  # type: ignore[union-attr]
     cache.forget(("ns", "m"))
     assert cache.previous(("ns", "m"), None) is None
 
 
+def test_a_change_of_meaning_is_written_at_once_and_carries_the_latest_details() -> None:
+    clock, written = Clock(), []
+    cache = StatusCache(clock=clock, background=False)
+    key = ("ns", "m")
+    cache.write(lambda *args: written.append(args[2]), key, status(summary="0/1"), stored=None)
+    # Counts moved: deferred, and what the next computation builds on.
+    assert not cache.write(lambda *args: written.append(args[2]), key, status(summary="1/1"), stored=None)
+    assert cache.previous(key, None).replica_summary == "1/1"  # type: ignore[union-attr]
+    assert len(written) == 1
+    # Ready: written now, and nothing is left to flush.
+    ready = status(ready="True", reason="Available", summary="1/1")
+    assert cache.write(lambda *args: written.append(args[2]), key, ready, stored=None)
+    clock.now += 60
+    cache.flush_due(clock.now)
+    assert written == [status(summary="0/1"), ready]
+
+
+def test_details_alone_are_written_once_when_their_time_is_up() -> None:
+    clock, written = Clock(), []
+    cache = StatusCache(clock=clock, background=False, defer_s=5)
+    key = ("ns", "m")
+    cache.write(lambda *args: written.append(args[2]), key, status(summary="0/3"), stored=None)
+    for summary in ("1/3", "2/3"):
+        cache.write(lambda *args: written.append(args[2]), key, status(summary=summary), stored=None)
+    clock.now += 4.9
+    cache.flush_due(clock.now)
+    assert len(written) == 1
+    clock.now += 0.2
+    cache.flush_due(clock.now)
+    assert written == [status(summary="0/3"), status(summary="2/3")]
+
+
+def test_a_failed_deferred_write_is_retried() -> None:
+    clock, attempts = Clock(), []
+
+    def flaky(namespace: str, name: str, body: dict[str, Any]) -> None:
+        attempts.append(body)
+        if len(attempts) == 2:
+            raise ConnectionError("API server restarting")
+
+    cache = StatusCache(clock=clock, background=False, defer_s=5)
+    key = ("ns", "m")
+    cache.write(flaky, key, status(summary="0/1"), stored=None)
+    cache.write(flaky, key, status(summary="1/1"), stored=None)
+    clock.now += 6
+    cache.flush_due(clock.now)
+    clock.now += 3
+    cache.flush_due(clock.now)
+    assert [a["replicaSummary"] for a in attempts] == ["0/1", "1/1", "1/1"]
+
+
 def test_a_status_this_version_cannot_read_is_recomputed() -> None:
-    assert StatusCache().previous(("ns", "m"), {"conditions": "not a list"}) is None
+    assert StatusCache(background=False).previous(("ns", "m"), {"conditions": "not a list"}) is None
 
 
 # --- parsing and the kinds table ------------------------------------------------------------------
