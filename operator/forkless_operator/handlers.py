@@ -28,6 +28,7 @@ from urllib3.exceptions import HTTPError
 from forkless_operator import kinds, metrics
 from forkless_operator.apply import Kube, get_kube, is_retryable
 from forkless_operator.drift import AppliedChildren
+from forkless_operator.memory import MemoryDiffBaseStorage, MemoryProgressStorage
 from forkless_operator.reconcile import (
     apply_children,
     freshest_deployment,
@@ -54,9 +55,12 @@ Key = tuple[str, str]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Index = kopf.Index[Key, dict[str, Any]]
 
-# What this process remembers: the last status written per InferenceService, what it applied per child.
+# What this process remembers: the last status written per InferenceService, what it applied per
+# child, and kopf's own bookkeeping (forkless_operator.memory).
 STATUS = StatusCache(on_write=metrics.REGISTRY.status_written)
 APPLIED_CHILDREN = AppliedChildren()
+PROGRESS = MemoryProgressStorage()
+DIFFBASE = MemoryDiffBaseStorage()
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -66,8 +70,9 @@ APPLIED_CHILDREN = AppliedChildren()
 def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None:
     """All kopf settings in one place."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"  # never added: no delete handlers, owners clean up
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # kopf's own bookkeeping in memory, not in annotations: no PATCH and no echo per handled object.
+    settings.persistence.progress_storage = PROGRESS
+    settings.persistence.diffbase_storage = DIFFBASE
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = OPERATOR
     # A watch that the server closes every 5 minutes, and a client that notices a dead one.
@@ -76,9 +81,8 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 32
-    # After its own patch (the diff-base annotation), kopf waits this long for the patched version to
-    # come back through the watch before it trusts older events. Under a burst the watch lags more
-    # than the default 5 s, and a stale event without the annotation re-ran the create handler.
+    # After its own patch (only the retry annotation, with the bookkeeping in memory), kopf waits this
+    # long for the patched version to come back through the watch before it trusts older events.
     settings.persistence.consistency_timeout = 30
     if not settings.peering.mandatory:  # --peering NAME given on the command line wins
         settings.peering.name = PEERING_NAME
@@ -291,7 +295,7 @@ def pod_event(namespace: str | None, labels: Mapping[str, str], logger: Logger, 
 
 
 @kopf.on.event(*ISVC)
-async def forget_deleted(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+async def forget_deleted(type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
     """Drop what the operator remembers of a deleted InferenceService.
 
     Async because it runs for every event of every InferenceService and does nothing for most:
@@ -301,3 +305,5 @@ async def forget_deleted(type: str | None, namespace: str | None, name: str, **_
         key = (namespace or "", name)
         STATUS.forget(key)
         APPLIED_CHILDREN.forget(key)
+        PROGRESS.forget(str(body.metadata.get("uid", "")))
+        DIFFBASE.forget(str(body.metadata.get("uid", "")))
