@@ -1,4 +1,4 @@
-"""`forkless-runtime serve|check`: the runtime's command line. Imports no framework that touches CUDA."""
+"""`forkless-runtime serve|check|fetch|flags`: the runtime's command line. Imports no framework that touches CUDA."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import time
 
 from .logs import configure_logging
 from .settings import FLAGS, Settings, add_flags, env_name, flag_name, settings_from_args
+
+# KServe's storage initializer has none and hangs on a stalled download (kserve#5611); 30 minutes
+# fits a 70B model at a modest 100 MiB/s and still ends.
+DOWNLOAD_TIMEOUT_S = 1800.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +26,48 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="load the model once in a spawned worker and exit 0, or print why not")
     add_flags(check)
     commands.add_parser("flags", help="print every flag with its environment variable")
+    fetch = commands.add_parser(
+        "fetch", help="download a model (s3://, gs://, hf://, http(s)://) into a directory, or say why not",
+        description="Downloads in bounded memory, verifies size and ETag, renames into place, retries transient "
+        "failures, and gives up after --timeout-s with ModelDownloadFailed in the termination log.",
+    )
+    fetch.add_argument("uri", help="the model's URI (a single object, a prefix, or a Hugging Face repository)")
+    fetch.add_argument("destination", help="the directory to download into (created)")
+    fetch.add_argument("--timeout-s", type=float, default=DOWNLOAD_TIMEOUT_S,
+                       help=f"give up after this many seconds in all (default {DOWNLOAD_TIMEOUT_S:g})")
     return parser
+
+
+def fetch_model(uri: str, destination: str, timeout_s: float) -> int:
+    """The init container's command: exit 0 with the model in place, or 1 with the reason reported."""
+    import logging
+    import os
+
+    from .storage.fetch import DownloadFailed, fetch, watchdog
+    from .storage.uris import InvalidModelUri
+    from .termination import MODEL_DOWNLOAD_FAILED, report_termination
+
+    log = logging.getLogger("forkless.fetch")
+
+    def fail(message: str) -> None:
+        log.error("%s: %s", MODEL_DOWNLOAD_FAILED, message)
+        report_termination(MODEL_DOWNLOAD_FAILED, message)
+
+    def expire() -> None:
+        fail(f"{uri}: the download did not finish within {timeout_s:g}s (model.downloadTimeoutSeconds)")
+        os._exit(1)  # the download threads may sit in a read; nothing is left to save
+
+    timer = watchdog(timeout_s, expire)
+    try:
+        report = fetch(uri, destination, timeout_s)
+    except (DownloadFailed, InvalidModelUri, OSError) as error:
+        fail(str(error))
+        return 1
+    finally:
+        timer.cancel()
+    log.info("fetched %d file(s), %.1f MiB in %.2fs (%.1f MiB/s) into %s", len(report.files),
+             report.bytes / (1 << 20), report.seconds, report.megabytes_per_s, destination)
+    return 0
 
 
 def check_model(settings: Settings) -> int:
@@ -59,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         for flag in FLAGS:
             print(f"{flag_name(flag.field):28} {env_name(flag.field):34} {flag.help}")
         return
+    if args.command == "fetch":
+        configure_logging("text", "info")
+        sys.exit(fetch_model(args.uri, args.destination, args.timeout_s))
     settings = settings_from_args(args, parser)
     configure_logging(settings.log_format, settings.log_level)
     multiprocessing.set_start_method(settings.start_method, force=True)

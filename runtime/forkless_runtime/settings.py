@@ -241,7 +241,21 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if settings.format == "python" and not settings.handler:
         parser.error("--format python needs --handler module:Class")
     try:
+        settings = resolve_model_directory(settings)
         settings.resolved_format  # noqa: B018 - validates early, with the reason
     except ValueError as exc:
+        from .termination import MODEL_LOAD_FAILED, report_termination
+
+        report_termination(MODEL_LOAD_FAILED, str(exc))
         parser.error(str(exc))
     return settings
+
+
+def resolve_model_directory(settings: Settings) -> Settings:
+    """A model URI that names a directory (a downloaded prefix, a Triton repository) as the one model
+    file inside it; a Python handler gets the directory itself, as KServe's custom models do."""
+    if settings.handler or settings.format == "python" or not os.path.isdir(settings.model_path):
+        return settings
+    from .storage.resolve import resolve_model_file  # not needed by the operator, which imports this module
+
+    return settings.replace(model_uri=resolve_model_file(settings.model_path))

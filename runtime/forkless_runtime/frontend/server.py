@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from ..settings import Settings
+from ..termination import load_failure_reason, report_termination
 from .app import App
 
 log = logging.getLogger("forkless.frontend")
@@ -82,6 +83,7 @@ def serve(settings: Settings) -> int:
     app.on_fatal = stop_now
     server.run()
     if app.fatal_error is not None:
+        report_termination(load_failure_reason(app.fatal_error), app.fatal_error)
         return 1
     if not server.started:
         return 1

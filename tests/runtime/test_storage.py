@@ -1,0 +1,277 @@
+"""Models from where users keep them: URIs, directories, and `forkless-runtime fetch` against real
+servers on this machine (moto's S3 API server with IAM, a Hugging Face Hub endpoint, plain HTTP)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from forkless_runtime.storage.resolve import ModelNotFound, resolve_model_file
+from forkless_runtime.storage.uris import InvalidModelUri, parse_model_uri, uri_problem
+from forkless_runtime.termination import load_failure_reason, report_termination, termination_message
+
+from tests.runtime.conftest import v2_body
+from tests.storage_servers import FakeHub, MotoS3, run_fetch
+
+# --- URIs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "scheme", "container", "path", "revision"),
+    [
+        ("s3://models/cnn/model.pt", "s3", "models", "cnn/model.pt", None),
+        ("s3://models", "s3", "models", "", None),
+        ("s3://my.bucket-1/prefix/", "s3", "my.bucket-1", "prefix/", None),
+        ("gs://kfserving-examples/models/torch", "gs", "kfserving-examples", "models/torch", None),
+        ("hf://acme/cnn", "hf", "acme/cnn", "", None),
+        ("hf://acme/cnn:v1.2", "hf", "acme/cnn", "", "v1.2"),
+        ("https://example.com/m/model.onnx?X-Amz-Signature=abc", "https", "example.com", "m/model.onnx?X-Amz-Signature=abc", None),
+        ("pvc://claim/dir/model.pt", "pvc", "claim", "dir/model.pt", None),
+        ("file:///mnt/models/model.pt", "file", "", "/mnt/models/model.pt", None),
+        ("/tmp/model.pt", "file", "", "/tmp/model.pt", None),
+    ],
+)
+def test_model_uris_parse_into_store_container_and_path(uri, scheme, container, path, revision) -> None:
+    location = parse_model_uri(uri)
+    assert (location.scheme, location.container, location.path, location.revision) == (scheme, container, path, revision)
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("ftp://host/model.pt", "uri must start with s3://"),
+        ("s3://", "an s3 uri must be s3://<bucket>"),
+        ("s3://Models/key", "an s3 uri must be s3://<bucket>"),
+        ("s3://ab/key", "an s3 uri must be s3://<bucket>"),
+        ("gs://", "a gs uri must be gs://<bucket>"),
+        ("hf://acme", "an hf uri must be hf://<owner>/<repository>"),
+        ("hf://acme/cnn/extra", "an hf uri must be hf://<owner>/<repository>"),
+        ("hf://acme/cnn:", "an hf uri must be hf://<owner>/<repository>"),
+        ("https://example.com/", "an http(s) uri must name one file"),
+        ("pvc://Claim/model.pt", "a pvc uri must be pvc://<claim>/<path>"),
+        ("file://relative/model.pt", "a file uri must be absolute"),
+    ],
+)
+def test_malformed_uris_are_refused_with_the_form_they_must_have(uri: str, says: str) -> None:
+    assert uri_problem(uri) is not None and says in uri_problem(uri)
+    with pytest.raises(InvalidModelUri, match="must"):
+        parse_model_uri(uri)
+
+
+# --- directories ----------------------------------------------------------------------------------
+
+
+def _tree(root: Path, *files: str) -> Path:
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    return root
+
+
+def test_a_directory_resolves_to_its_one_model_file(tmp_path: Path) -> None:
+    root = _tree(tmp_path, "config.json", "README.md", "weights/model.onnx")
+    assert resolve_model_file(str(root)) == str(root / "weights" / "model.onnx")
+    assert resolve_model_file(str(root / "weights" / "model.onnx")) == str(root / "weights" / "model.onnx")
+
+
+def test_a_triton_repository_resolves_to_its_highest_version(tmp_path: Path) -> None:
+    root = _tree(tmp_path, "cnn/config.pbtxt", "cnn/1/model.pt", "cnn/3/model.pt", "cnn/20/model.pt")
+    assert resolve_model_file(str(root)) == str(root / "cnn" / "20" / "model.pt")
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        ((), "holds no model file (one of .pt, .ts, .pt2, .onnx); it is empty"),
+        (("config.json", "tokenizer.txt"), "holds no model file (one of .pt, .ts, .pt2, .onnx); found: config.json, tokenizer.txt"),
+        (("a.pt", "b.onnx"), "holds 2 model files and cannot tell which to serve: found: a.pt, b.onnx"),
+        (("cnn/1/model.pt", "mlp/1/model.pt"), "holds 2 model files"),
+    ],
+)
+def test_an_empty_or_ambiguous_directory_fails_listing_what_it_found(tmp_path: Path, files, says: str) -> None:
+    root = _tree(tmp_path / "models", *files)
+    root.mkdir(exist_ok=True)
+    with pytest.raises(ModelNotFound) as error:
+        resolve_model_file(str(root))
+    assert says in str(error.value)
+
+
+def test_serve_loads_the_model_a_directory_holds(models: Path, tmp_path: Path, serve) -> None:
+    """The init container downloads a prefix into a directory; the runtime finds the model in it."""
+    repository = tmp_path / "repository"
+    (repository / "mlp" / "1").mkdir(parents=True)
+    (repository / "mlp" / "config.pbtxt").write_text("name: 'mlp'\n")
+    shutil.copy(models / "mlp.pt", repository / "mlp" / "1" / "model.pt")
+    server = serve("--model-name", "mlp", "--model-uri", f"file://{repository}", "--workers", "1")
+    response = httpx.post(f"{server.url}/v2/models/mlp/infer", json=v2_body(np.ones((1, 16), np.float32)))
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [1, 3]  # the example MLP: 16 features in, 3 classes out
+
+
+def test_serve_refuses_an_ambiguous_directory_naming_its_files(models: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    shutil.copy(models / "mlp.pt", tmp_path / "a.pt")
+    shutil.copy(models / "mlp.pt", tmp_path / "b.pt")
+    result = subprocess.run([sys.executable, "-m", "forkless_runtime.cli", "check", "--model-name", "m",
+                             "--model-uri", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "holds 2 model files and cannot tell which to serve: found: a.pt, b.pt" in result.stderr
+
+
+# --- the termination message ----------------------------------------------------------------------
+
+
+def test_the_termination_message_carries_the_reason_and_is_written_only_where_the_kubelet_made_the_file(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "termination-log"
+    assert not report_termination("ModelLoadFailed", "nope", str(log))
+    assert not log.exists()
+    log.write_text("")
+    assert report_termination("ModelLoadFailed", "RuntimeError: bad zip\n", str(log))
+    assert log.read_text() == "ModelLoadFailed: RuntimeError: bad zip"
+    assert len(termination_message("ModelLoadFailed", "é" * 5000).encode()) <= 4096
+    assert load_failure_reason("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB") == "ModelOutOfMemory"
+    assert load_failure_reason("RuntimeError: PytorchStreamReader failed reading zip archive") == "ModelLoadFailed"
+
+
+# --- S3 -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    server = MotoS3(buckets=("models", "other")).start()
+    yield server
+    server.stop()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fetch_downloads_one_s3_object_with_kserves_variable_names(s3: MotoS3, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    s3.put("single/model.pt", data)
+    result = run_fetch("s3://models/single/model.pt", tmp_path / "dest", s3.env())
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dest" / "model.pt").read_bytes() == data
+    assert sorted(os.listdir(tmp_path / "dest")) == ["model.pt"]
+
+
+def test_fetch_downloads_a_prefix_as_a_directory_tree(s3: MotoS3, tmp_path: Path) -> None:
+    files = {"repo/cnn/config.pbtxt": b"name: 'cnn'", "repo/cnn/1/model.pt": os.urandom(1 << 20),
+             "repo/cnn/2/model.pt": os.urandom(1 << 20)}
+    for key, data in files.items():
+        s3.put(key, data)
+    s3.put("repository-other/model.pt", b"not under the prefix")
+    result = run_fetch("s3://models/repo", tmp_path / "dest", s3.env())
+    assert result.returncode == 0, result.stderr
+    for key, data in files.items():
+        assert (tmp_path / "dest" / key.removeprefix("repo/")).read_bytes() == data
+    assert not (tmp_path / "dest" / "model.pt").exists()
+    assert resolve_model_file(str(tmp_path / "dest")).endswith("cnn/2/model.pt")
+
+
+def test_fetch_reads_a_large_object_as_parallel_ranges_and_verifies_it(s3: MotoS3, tmp_path: Path) -> None:
+    big = tmp_path / "big.pt"
+    with big.open("wb") as out:
+        for _ in range(10):
+            out.write(os.urandom(8 << 20))  # 80 MiB: above the parallel threshold, ten ranges
+    s3.put("large/model.pt", big)
+    endpoint_url = {"AWS_ENDPOINT_URL": s3.endpoint, **{k: v for k, v in s3.env().items() if not k.startswith("S3_")}}
+    result = run_fetch("s3://models/large/model.pt", tmp_path / "dest", endpoint_url)
+    assert result.returncode == 0, result.stderr
+    assert _digest(tmp_path / "dest" / "model.pt") == _digest(big)
+    assert "fetched 1 file(s), 80.0 MiB" in result.stderr
+
+
+def test_a_wrong_secret_fails_at_once_naming_the_403(s3: MotoS3, tmp_path: Path) -> None:
+    s3.put("secret/model.pt", b"weights")
+    result = run_fetch("s3://models/secret/model.pt", tmp_path / "dest", s3.env(secret="wrong"))
+    assert result.returncode == 1
+    assert "ModelDownloadFailed: s3://models/secret/model.pt: access denied (403)" in result.stderr
+    assert "retrying" not in result.stderr  # a bad key does not heal
+    assert not (tmp_path / "dest" / "model.pt").exists()
+
+
+def test_a_missing_object_fails_naming_the_404(s3: MotoS3, tmp_path: Path) -> None:
+    result = run_fetch("s3://models/no/such/model.pt", tmp_path / "dest", s3.env())
+    assert result.returncode == 1
+    assert "ModelDownloadFailed: s3://models/no/such/model.pt: no object has this key and none is under it (404)" in result.stderr
+
+
+def test_a_download_longer_than_its_timeout_fails_cleanly(s3: MotoS3, tmp_path: Path) -> None:
+    big = tmp_path / "slow.pt"
+    with big.open("wb") as out:
+        for _ in range(40):
+            out.write(os.urandom(8 << 20))  # 320 MiB from a Python server: seconds, not one
+    s3.put("slow/model.pt", big)
+    result = run_fetch("s3://models/slow/model.pt", tmp_path / "dest", s3.env(), extra=("--timeout-s", "1"))
+    assert result.returncode == 1
+    assert "ModelDownloadFailed: s3://models/slow/model.pt: the download did not finish within 1s" in result.stderr
+    assert not (tmp_path / "dest" / "model.pt").exists()  # never a partial file under the final name
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    server = FakeHub({"acme/cnn": {"model.pt": os.urandom(1 << 20), "config.json": b"{}"}}, token="hf_secret").start()
+    yield server
+    server.stop()
+
+
+def test_fetch_downloads_a_hugging_face_repository_with_its_token(hub: FakeHub, tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_secret", "HF_HOME": str(tmp_path / "hf-home")}
+    result = run_fetch("hf://acme/cnn:main", tmp_path / "dest", env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dest" / "model.pt").read_bytes() == hub.repos["acme/cnn"]["model.pt"]
+    assert any(request.startswith("GET /api/models/acme/cnn/revision/main") for request in hub.requests)
+
+
+def test_a_hugging_face_repository_without_the_token_fails_with_the_reason(hub: FakeHub, tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_wrong", "HF_HOME": str(tmp_path / "hf-home")}
+    result = run_fetch("hf://acme/cnn", tmp_path / "dest", env)
+    assert result.returncode == 1
+    assert "ModelDownloadFailed: hf://acme/cnn:" in result.stderr
+    assert not (tmp_path / "dest" / "model.pt").exists()
+
+
+# --- plain HTTP -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_files(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_streams_an_http_file_and_names_a_404(http_files: tuple[str, Path], tmp_path: Path) -> None:
+    url, root = http_files
+    data = os.urandom(40 << 20)  # above the parallel threshold, but the server offers no ranges
+    (root / "model.onnx").write_bytes(data)
+    result = run_fetch(f"{url}/model.onnx", tmp_path / "dest", {})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dest" / "model.onnx").read_bytes() == data
+    missing = run_fetch(f"{url}/missing.onnx", tmp_path / "dest2", {})
+    assert missing.returncode == 1
+    assert f"ModelDownloadFailed: {url}/missing.onnx: does not exist (404" in missing.stderr
