@@ -27,18 +27,20 @@ from urllib3.exceptions import HTTPError
 
 from forkless_operator import kinds, metrics
 from forkless_operator.apply import Kube, get_kube, is_retryable
+from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
 from forkless_operator.drift import AppliedChildren
 from forkless_operator.memory import MemoryDiffBaseStorage, MemoryProgressStorage
 from forkless_operator.reconcile import (
     apply_children,
+    download_credentials,
     freshest_deployment,
     model_claim_problem,
     parse,
     validation_message,
 )
 from forkless_operator.settings import get_settings
-from forkless_operator.spec import API_VERSION, GROUP
-from forkless_operator.status import APPLIED, compute_status, invalid_spec_status
+from forkless_operator.spec import API_VERSION, GROUP, InferenceServiceStatus
+from forkless_operator.status import APPLIED, READY, compute_status, invalid_spec_status
 from forkless_operator.status_cache import StatusCache
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -46,6 +48,8 @@ INSTANCE = "app.kubernetes.io/instance"
 OPERATOR = "forkless-operator"
 OWNED = {MANAGED_BY: OPERATOR}
 RETRY_DELAY_S = 10
+# A missing ServiceAccount or Secret is looked for again this often, until it appears.
+CREDENTIALS_RETRY_DELAY_S = 30
 PEERING_NAME = "forkless-operator"
 
 ISVC = kinds.INFERENCE_SERVICE.resource
@@ -61,6 +65,8 @@ STATUS = StatusCache(on_write=metrics.REGISTRY.status_written)
 APPLIED_CHILDREN = AppliedChildren()
 PROGRESS = MemoryProgressStorage()
 DIFFBASE = MemoryDiffBaseStorage()
+# The download credentials each InferenceService was last rendered with, for drift repair.
+CREDENTIALS: dict[Key, StorageCredentials] = {}
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -174,12 +180,14 @@ def reconcile(
             "spec.runtime.image must be set: the operator has no default runtime image configured",
         )
     try:
-        applied = apply_children(kube, isvc, APPLIED_CHILDREN, settings, prune=reason != kopf.Reason.CREATE)
-        problem = model_claim_problem(kube, isvc)
-        if problem is not None:
-            kopf.warn(body, reason=problem.reason, message=problem.message)
+        credentials, credentials_problem = download_credentials(kube, isvc)
+        CREDENTIALS[key] = credentials
+        applied = apply_children(kube, isvc, APPLIED_CHILDREN, settings, prune=reason != kopf.Reason.CREATE,
+                                 credentials=credentials)
+        problem = credentials_problem or model_claim_problem(kube, isvc)
         STATUS.problems[key] = problem
         with STATUS.lock(key):
+            previous = STATUS.previous(key, body.get("status"))
             status = compute_status(
                 isvc,
                 freshest_deployment(applied.get("Deployment"), _first(deployment_index, key)),
@@ -187,10 +195,13 @@ def reconcile(
                 generation,
                 reconciled=APPLIED,
                 problem=problem,
-                previous=STATUS.previous(key, body.get("status")),
+                previous=previous,
                 settings=settings,
             )
             STATUS.write(kube.apply_status, key, status, body.get("status"))
+        warn_on_transition(body, previous, status)
+        if credentials_problem is not None:
+            raise kopf.TemporaryError(credentials_problem.message, delay=CREDENTIALS_RETRY_DELAY_S)
     except ApiException as error:
         metrics.REGISTRY.error(f"Api{error.status}")
         if is_retryable(error):
@@ -205,6 +216,28 @@ def reconcile(
 
 
 # --- children: drift repair and status ----------------------------------------------------------
+
+
+def _ready_reason(status: InferenceServiceStatus | Mapping[str, Any] | None) -> tuple[str, str] | None:
+    if isinstance(status, InferenceServiceStatus):
+        status = status.model_dump(by_alias=True)
+    for condition in (status or {}).get("conditions") or []:
+        if condition.get("type") == READY:
+            return str(condition.get("status")), str(condition.get("reason"))
+    return None
+
+
+def warn_on_transition(isvc: Mapping[str, Any], previous: InferenceServiceStatus | None,
+                       status: Mapping[str, Any]) -> None:
+    """One Warning event when Ready turns False for a new reason: per transition, never per retry."""
+    now = _ready_reason(status)
+    if now is None or now[0] != "False" or now == _ready_reason(previous):
+        return
+    message = next(c["message"] for c in status["conditions"] if c["type"] == READY)
+    metadata = isvc.get("metadata") or {}
+    reference: Any = {"apiVersion": API_VERSION, "kind": kinds.INFERENCE_SERVICE.kind,
+                 "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid")}}
+    kopf.warn(reference, reason=now[1], message=message)
 
 
 def _owner(body: kopf.Body) -> str | None:
@@ -235,6 +268,7 @@ def refresh_status(
             problem=STATUS.problems.get(key), previous=previous, settings=get_settings(),
         )
         STATUS.write(get_kube().apply_status, key, status, stored)
+    warn_on_transition(isvc_body, previous, status)
 
 
 def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespace: str | None,
@@ -255,7 +289,8 @@ def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespac
         if APPLIED_CHILDREN.needs_repair(kind, key, event_type, body):
             logger.warning("%s %s/%s drifted from what the operator applied; applying it again", kind, *key)
             metrics.REGISTRY.error("Drift")
-            apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False)
+            apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False,
+                           credentials=CREDENTIALS.get(key, NO_CREDENTIALS))
         if kind == kinds.DEPLOYMENT.kind:
             deployment = None if event_type == "DELETED" else _first(deployment_index, key)
             refresh_status(key, isvc_body, deployment, pod_index.get(key, []))
@@ -305,5 +340,6 @@ async def forget_deleted(type: str | None, namespace: str | None, name: str, bod
         key = (namespace or "", name)
         STATUS.forget(key)
         APPLIED_CHILDREN.forget(key)
+        CREDENTIALS.pop(key, None)
         PROGRESS.forget(str(body.metadata.get("uid", "")))
         DIFFBASE.forget(str(body.metadata.get("uid", "")))

@@ -33,6 +33,9 @@ CHILDREN = (DEPLOYMENT, SERVICE, HPA, PDB)
 
 PODS = Kind("v1", "Pod", "pods")
 PVC = Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims")
+# Read for download credentials (forkless_operator.credentials), never written.
+SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
+SECRET = Kind("v1", "Secret", "secrets")
 INFERENCE_SERVICE = Kind(API_VERSION, KIND, PLURAL)
 
-ALL = (*CHILDREN, PODS, PVC, INFERENCE_SERVICE)
+ALL = (*CHILDREN, PODS, PVC, SERVICE_ACCOUNT, SECRET, INFERENCE_SERVICE)

@@ -7,10 +7,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from forkless_runtime.storage.uris import parse_model_uri
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from forkless_operator import kinds
 from forkless_operator.apply import Kube
+from forkless_operator.credentials import (
+    NO_CREDENTIALS,
+    STORAGE_SECRET_ANNOTATION,
+    StorageCredentials,
+    secret_names,
+    storage_credentials,
+)
 from forkless_operator.drift import AppliedChildren
 from forkless_operator.render import render_children
 from forkless_operator.settings import Settings
@@ -31,7 +40,7 @@ def validation_message(error: ValidationError) -> str:
 
 
 def apply_children(kube: Kube, isvc: InferenceService, applied: AppliedChildren, settings: Settings,
-                   *, prune: bool) -> dict[str, Any]:
+                   *, prune: bool, credentials: StorageCredentials = NO_CREDENTIALS) -> dict[str, Any]:
     """Server-side apply every rendered child, in kinds.CHILDREN order, and remember what was applied.
 
     With ``prune``, the optional children no longer rendered are deleted; a new InferenceService
@@ -39,7 +48,7 @@ def apply_children(kube: Kube, isvc: InferenceService, applied: AppliedChildren,
     """
     key = (isvc.metadata.namespace, isvc.metadata.name)
     result: dict[str, Any] = {}
-    children = render_children(isvc, settings)
+    children = render_children(isvc, settings, credentials)
     for child in kinds.CHILDREN:
         manifest = children[child.kind]
         if manifest is None:
@@ -65,6 +74,57 @@ def model_claim_problem(kube: Kube, isvc: InferenceService) -> Observation | Non
         "the model is read from it"
     )
     return Observation(False, "ModelClaimNotFound", message)
+
+
+def download_credentials(kube: Kube, isvc: InferenceService) -> tuple[StorageCredentials, Observation | None]:
+    """The download init container's credentials, read as KServe reads them, and what is missing.
+
+    Only a downloaded model needs them. A ServiceAccount or Secret that does not exist (or that the
+    operator may not read) is a Ready=False reason naming it; the pods are still rendered, with the
+    references they can resolve, so they start as soon as the Secret appears.
+    """
+    if not parse_model_uri(isvc.spec.model.uri).downloaded:
+        return NO_CREDENTIALS, None
+    namespace = isvc.metadata.namespace
+    account_name = isvc.spec.service_account_name
+    account = None
+    if account_name:
+        account = _read(kube, kinds.SERVICE_ACCOUNT, namespace, account_name)
+        if account is None:
+            return NO_CREDENTIALS, Observation(
+                False, "ServiceAccountNotFound",
+                f'serviceaccount "{account_name}" must exist in namespace {namespace}: '
+                "the pods run as it and the model download reads its Secrets",
+            )
+    secrets: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for name in secret_names(isvc.metadata.annotations, account):
+        secret = _read(kube, kinds.SECRET, namespace, name)
+        if secret is None:
+            missing.append(name)
+        else:
+            secrets.append(secret)
+    credentials = storage_credentials(secrets, account)
+    if not missing:
+        return credentials, None
+    listed_by = (f'listed by serviceaccount "{account_name}"' if STORAGE_SECRET_ANNOTATION not in isvc.metadata.annotations
+                 else f"named by the {STORAGE_SECRET_ANNOTATION} annotation")
+    names = ", ".join(f'"{name}"' for name in missing)
+    return credentials, Observation(
+        False, "StorageSecretNotFound",
+        f"secret {names} ({listed_by}) must exist in namespace {namespace} and be readable by the operator: "
+        "the model download takes its credentials from it",
+    )
+
+
+def _read(kube: Kube, kind: kinds.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+    """The object, or None when it is missing or the operator may not read it (403)."""
+    try:
+        return kube.get(kind.api_version, kind.kind, namespace, name)
+    except ApiException as error:
+        if error.status == 403:
+            return None
+        raise
 
 
 def freshest_deployment(

@@ -13,11 +13,12 @@ import math
 import posixpath
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 
-from forkless_runtime.settings import DEFAULTS, FLAGS, env_name, env_value
+from forkless_runtime.settings import DEFAULTS, EXTENSION_FORMATS, FLAGS, env_name, env_value
+from forkless_runtime.storage.uris import parse_model_uri
 from kubernetes.utils import parse_quantity
 
+from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
 from forkless_operator.settings import Settings, get_settings
 from forkless_operator.spec import API_VERSION, KIND, OPERATOR_DRAIN_DELAY_S, InferenceService
 
@@ -34,12 +35,13 @@ STARTUP_PROBE_PERIOD_S = 5
 STARTUP_PROBE_FAILURES = 360
 SHARED_MEMORY_PER_WORKER = 1 << 30  # 1Gi
 
-DOWNLOAD_SCRIPT = (
-    "import os, sys, urllib.request\n"
-    "url, dest = sys.argv[1], sys.argv[2]\n"
-    "urllib.request.urlretrieve(url, dest + '.part')\n"
-    "os.replace(dest + '.part', dest)\n"
-)
+DOWNLOAD_CONTAINER = "download-model"
+# The init container streams to disk: its memory stays near 100Mi whatever the model's size (KServe's
+# storage initializer is capped at 1Gi and runs out on models over 8 GB, kserve#5326).
+DOWNLOAD_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+# Kubernetes keeps the container's last words (forkless_runtime.termination) or, failing that, its log's
+# tail, in the pod's status, where the operator reads why a model cannot download or load.
+TERMINATION_MESSAGE_POLICY = "FallbackToLogsOnError"
 
 
 def selector_labels(isvc: InferenceService) -> dict[str, str]:
@@ -119,29 +121,41 @@ def shared_memory_size(isvc: InferenceService) -> str:
     return _bytes_quantity(size)
 
 
-def model_source(isvc: InferenceService) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+def model_source(
+    isvc: InferenceService, credentials: StorageCredentials = NO_CREDENTIALS
+) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
     """(uri the runtime loads, model volume or None, download init container or None).
 
-    The runtime loads local paths only: a PVC is mounted read-only, an http(s)
-    model is downloaded into an emptyDir by an init container.
+    The runtime loads local paths only: a PVC is mounted read-only; an s3://, gs://, hf:// or
+    http(s):// model is downloaded by ``forkless-runtime fetch`` into an emptyDir, and the runtime
+    finds the model file in that directory.
     """
-    uri = isvc.spec.model.uri
-    parts = urlsplit(uri)
-    if parts.scheme == "pvc":
-        claim, path = parts.netloc, parts.path.lstrip("/")
-        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        return f"file://{MODEL_MOUNT_PATH}/{path}", volume, None
-    if parts.scheme in ("http", "https"):
-        filename = posixpath.basename(parts.path.rstrip("/")) or "model"
-        destination = f"{MODEL_MOUNT_PATH}/{filename}"
+    model = isvc.spec.model
+    location = parse_model_uri(model.uri)
+    if location.scheme == "pvc":
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": location.container, "readOnly": True}}
+        return f"file://{MODEL_MOUNT_PATH}/{location.path}", volume, None
+    if location.downloaded:
         volume = {"name": "model", "emptyDir": {}}
-        init = {
-            "name": "download-model",
-            "command": ["python", "-c", DOWNLOAD_SCRIPT, uri, destination],
-            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT_PATH}],
+        env = [*credentials.env]
+        if location.scheme == "hf":  # huggingface_hub's cache and locks, beside the model (HOME may be read-only)
+            env.append({"name": "HF_HOME", "value": f"{MODEL_MOUNT_PATH}/.hf-home"})
+        init: dict[str, Any] = {
+            "name": DOWNLOAD_CONTAINER,
+            "command": ["forkless-runtime", "fetch", model.uri, MODEL_MOUNT_PATH,
+                        "--timeout-s", str(model.download_timeout_seconds)],
+            "resources": DOWNLOAD_RESOURCES,
+            "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT_PATH}, *credentials.mounts],
         }
-        return f"file://{destination}", volume, init
-    return uri, None, None
+        if env:
+            init["env"] = env
+        # One object with a model's extension lands under its own name; a prefix or repository is a
+        # directory the runtime looks into (forkless_runtime.storage.resolve).
+        name = posixpath.basename(location.path.split("?", 1)[0])
+        single = location.scheme != "hf" and posixpath.splitext(name)[1].lower() in EXTENSION_FORMATS
+        return f"file://{MODEL_MOUNT_PATH}/{name}" if single else f"file://{MODEL_MOUNT_PATH}", volume, init
+    return model.uri, None, None
 
 
 # Where every forkless-runtime setting comes from: a field of the spec, or the operator itself.
@@ -149,7 +163,7 @@ def model_source(isvc: InferenceService) -> tuple[str, dict[str, Any] | None, di
 # renders every field through the runtime's own parser, and docs/operator.md shows it.
 RUNTIME_SETTING_SOURCES: dict[str, str] = {
     "model_name": "spec.model.name (default metadata.name)",
-    "model_uri": "spec.model.uri (a pvc:// or http(s):// model becomes the mounted or downloaded file)",
+    "model_uri": "spec.model.uri (a pvc:// model becomes the mounted path, a downloaded one the file or directory it lands in)",
     "format": "spec.model.format",
     "handler": "spec.model.handler",
     "workers": "spec.runtime.workers (default one per GPU, else 1)",
@@ -271,12 +285,13 @@ def _container_resources(isvc: InferenceService, settings: Settings) -> dict[str
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
-def render_deployment(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any]:
+def render_deployment(isvc: InferenceService, settings: Settings | None = None,
+                      credentials: StorageCredentials = NO_CREDENTIALS) -> dict[str, Any]:
     """The Deployment of runtime pods; ``replicas`` is left out when an autoscaler owns it."""
     settings = settings or get_settings()
     spec = isvc.spec
     image = spec.runtime.image or settings.runtime_image
-    _, model_volume, download = model_source(isvc)
+    _, model_volume, download = model_source(isvc, credentials)
 
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     # PyTorch multiprocessing moves tensors through /dev/shm; the container default of 64Mi breaks it.
@@ -286,6 +301,8 @@ def render_deployment(isvc: InferenceService, settings: Settings | None = None) 
     if model_volume is not None:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT_PATH, "readOnly": True})
         volumes.append(model_volume)
+    if download is not None:
+        volumes += credentials.volumes
 
     container: dict[str, Any] = {
         "name": RUNTIME_CONTAINER,
@@ -300,6 +317,7 @@ def render_deployment(isvc: InferenceService, settings: Settings | None = None) 
         "livenessProbe": _http_probe("/v2/health/live", 10, 3),
         "resources": _container_resources(isvc, settings),
         "securityContext": _container_security_context(),
+        "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
         "volumeMounts": mounts,
     }
 
@@ -425,11 +443,12 @@ def render_pdb(isvc: InferenceService, settings: Settings | None = None) -> dict
     }
 
 
-def render_children(isvc: InferenceService, settings: Settings | None = None) -> dict[str, dict[str, Any] | None]:
+def render_children(isvc: InferenceService, settings: Settings | None = None,
+                    credentials: StorageCredentials = NO_CREDENTIALS) -> dict[str, dict[str, Any] | None]:
     """Every child by kind (forkless_operator.kinds.CHILDREN); None marks a kind this InferenceService must not have."""
     settings = settings or get_settings()
     return {
-        "Deployment": render_deployment(isvc, settings),
+        "Deployment": render_deployment(isvc, settings, credentials),
         "Service": render_service(isvc, settings),
         "HorizontalPodAutoscaler": render_hpa(isvc, settings),
         "PodDisruptionBudget": render_pdb(isvc, settings),

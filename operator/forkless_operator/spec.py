@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from forkless_runtime.settings import DEFAULTS, FLAGS, HANDLER_PATTERN, env_name, env_value, flag_name
+from forkless_runtime.storage import uris
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
@@ -28,13 +29,10 @@ SINGULAR = "inferenceservice"
 SHORT_NAMES = ("fisvc",)
 CATEGORIES = ("forkless",)
 
-URI_SCHEMES = ("pvc://", "file://", "http://", "https://")
-
 # A Quantity as the API server accepts it (k8s.io/apimachinery resource.Quantity).
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 # Names the operator gives to children (Deployment, Service, label values) must be DNS-1035 labels.
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[^/].*$"
 
 # The operator's own defaults where they differ from the runtime's: a pod must keep serving for a
 # moment after SIGTERM while its endpoints are removed (the runtime alone stops at once).
@@ -103,21 +101,29 @@ class _Model(BaseModel):
 
 # --- spec.model -------------------------------------------------------------------------------
 
+def _scheme_cel(prefixes: tuple[str, ...]) -> str:
+    return " || ".join(f"self.startsWith('{prefix}')" for prefix in prefixes)
+
+
+URI_PREFIXES = tuple(f"{scheme}://" for scheme in uris.SCHEMES)
 URI_SCHEME_RULE = Rule(
-    rule="self.startsWith('pvc://') || self.startsWith('file://') || self.startsWith('http://') || self.startsWith('https://')",
-    message="uri must start with pvc://, file://, http:// or https://",
-    holds=lambda uri: uri.startswith(URI_SCHEMES),
+    rule=_scheme_cel(URI_PREFIXES),
+    message=uris.SCHEME_MESSAGE,
+    holds=lambda uri: uri.startswith(URI_PREFIXES),
 )
-PVC_URI_RULE = Rule(
-    rule=f"!self.startsWith('pvc://') || self.matches('{PVC_URI_PATTERN}')",
-    message="a pvc uri must be pvc://<claim>/<path>, with the claim name in lower case",
-    holds=lambda uri: not uri.startswith("pvc://") or _matches(PVC_URI_PATTERN, uri),
-)
-FILE_URI_RULE = Rule(
-    rule="!self.startsWith('file://') || self.startsWith('file:///')",
-    message="a file uri must be absolute: file:///<path>",
-    holds=lambda uri: not uri.startswith("file://") or uri.startswith("file:///"),
-)
+
+
+def _uri_form_rule(prefix: str, pattern: str, message: str) -> Rule:
+    """A URI of this scheme must match the runtime's pattern (forkless_runtime.storage.uris)."""
+    assert "\\" not in pattern and "'" not in pattern, "CEL string literals take the pattern verbatim"
+    return Rule(
+        rule=f"!self.startsWith('{prefix}') || self.matches('{pattern}')",
+        message=message,
+        holds=lambda uri: not uri.startswith(prefix) or _matches(pattern, uri),
+    )
+
+
+URI_FORM_RULES = tuple(_uri_form_rule(*rule) for rule in uris.RULES)
 PYTHON_HANDLER_RULE = Rule(
     rule="!has(self.format) || self.format != 'python' || has(self.handler)",
     message="handler is required for format python: give the module:Class the workers import",
@@ -146,11 +152,24 @@ class ModelSpec(_Model):
         min_length=1,
         max_length=2048,
         description=(
-            "Where the model lives: pvc://<claim>/<path> (the claim is mounted read-only), "
-            "file:///<path> (in the image or a user volume), or http(s)://... (downloaded by an "
-            "init container into an emptyDir)."
+            "Where the model lives. Downloaded by an init container (forkless-runtime fetch) into an "
+            "emptyDir: s3://<bucket>[/<key or prefix>] (AWS or any S3-compatible endpoint), "
+            "gs://<bucket>[/<object or prefix>], hf://<owner>/<repository>[:<revision>], or one file over "
+            "https:// or http://; credentials as KServe keeps them (Secrets listed by serviceAccountName, or "
+            "the serving.kserve.io/storageSecretName annotation). Mounted: pvc://<claim>/<path> (read-only). "
+            "Or file:///<path> in the image or a user volume. A prefix or directory resolves to the one "
+            "model file in it, or to the highest version of a Triton-style <name>/<version>/model.<ext> tree."
         ),
-        json_schema_extra=validations(URI_SCHEME_RULE, PVC_URI_RULE, FILE_URI_RULE),
+        json_schema_extra=validations(URI_SCHEME_RULE, *URI_FORM_RULES),
+    )
+    download_timeout_seconds: int = Field(
+        default=1800,
+        ge=1,
+        le=86400,
+        description=(
+            "How long the download of an s3://, gs://, hf:// or http(s):// model may take in all before "
+            "the pod reports ModelDownloadFailed instead of hanging. Default 1800."
+        ),
     )
     format: Literal["torchscript", "torch-export", "onnx", "python"] | None = Field(
         default=None,
@@ -168,7 +187,7 @@ class ModelSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _uri_rules(cls, uri: str) -> str:
-        for rule in (URI_SCHEME_RULE, PVC_URI_RULE, FILE_URI_RULE):
+        for rule in (URI_SCHEME_RULE, *URI_FORM_RULES):
             rule.check(uri)
         return uri
 
@@ -589,6 +608,44 @@ class Condition(_Model):
     )
 
 
+ModelState = Literal["Pending", "Loading", "Loaded", "FailedToLoad"]
+
+
+class ModelStates(_Model):
+    """KServe's model states: the one serving now and the one being rolled out."""
+
+    active_model_state: ModelState = Field(..., description="State of the model the ready pods serve: Loaded when any pod is ready.")
+    target_model_state: ModelState = Field(..., description="State of the model being rolled out.")
+
+
+class FailureInfo(_Model):
+    """Why the model last failed to download or load (KServe's lastFailureInfo)."""
+
+    reason: str = Field(..., description="ModelDownloadFailed, ModelLoadFailed or ModelOutOfMemory.")
+    message: str = Field(default="", max_length=4096, description="The first line of the error.")
+    exit_code: int | None = Field(default=None, description="Exit code of the container that failed.")
+    location: str | None = Field(default=None, description="pod/container where it failed.")
+    time: str | None = Field(default=None, description="When the container failed.", json_schema_extra={"format": "date-time"})
+
+
+class ModelCopies(_Model):
+    """How many pods hold the model, and how many of them failed to download or load it."""
+
+    failed_copies: int = Field(..., ge=0, description="Pods whose model failed to download or load.")
+    total_copies: int = Field(..., ge=0, description="Pods of the InferenceService.")
+
+
+class ModelStatus(_Model):
+    """The model's state in KServe's shape (status.modelStatus of a KServe InferenceService)."""
+
+    transition_status: Literal["UpToDate", "InProgress", "BlockedByFailedLoad"] = Field(
+        ..., description="UpToDate when the model is served as specified; BlockedByFailedLoad when it cannot download or load."
+    )
+    states: ModelStates = Field(..., description="Active and target model states.")
+    last_failure_info: FailureInfo | None = Field(default=None, description="The last download or load failure.")
+    copies: ModelCopies = Field(..., description="Pods holding the model, and failed ones.")
+
+
 class InferenceServiceStatus(_Model):
     """The observed state, computed by the operator and written through /status."""
 
@@ -600,6 +657,7 @@ class InferenceServiceStatus(_Model):
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     gpus: int | None = Field(default=None, description="GPUs requested by all replicas together.")
     workers: int | None = Field(default=None, description="Worker processes per replica.")
+    model_status: ModelStatus | None = Field(default=None, description="The model's download and load state, in KServe's shape.")
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
@@ -621,6 +679,7 @@ class ObjectMeta(BaseModel):
     uid: str = ""
     generation: int = 0
     labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class InferenceService(BaseModel):

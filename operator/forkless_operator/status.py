@@ -16,9 +16,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from forkless_operator.render import desired_replicas, selector_string, service_url
+from forkless_runtime.termination import MODEL_DOWNLOAD_FAILED, MODEL_OUT_OF_MEMORY
+from forkless_runtime.termination import REASONS as MODEL_REASONS
+
+from forkless_operator.render import DOWNLOAD_CONTAINER, desired_replicas, selector_string, service_url
 from forkless_operator.settings import Settings
-from forkless_operator.spec import Condition, InferenceService, InferenceServiceStatus
+from forkless_operator.spec import (
+    Condition,
+    FailureInfo,
+    InferenceService,
+    InferenceServiceStatus,
+    ModelCopies,
+    ModelState,
+    ModelStates,
+    ModelStatus,
+)
 
 READY = "Ready"
 RECONCILED = "Reconciled"
@@ -66,10 +78,79 @@ def _condition(
     )
 
 
-def pod_problem(pods: Iterable[Mapping[str, Any]]) -> Observation | None:
-    """Why pods cannot become ready: the scheduler's message, an image pull or a crash loop."""
-    found: list[tuple[int, str, Observation]] = []
+@dataclass(frozen=True)
+class ModelFailure:
+    """A container that gave up on the model, with its last words (forkless_runtime.termination)."""
+
+    reason: str
+    message: str
+    exit_code: int | None
+    location: str
+    time: str | None
+
+    def observation(self) -> Observation:
+        return Observation(False, self.reason, f"{self.message} ({self.location}, exit code {self.exit_code})")
+
+    def info(self) -> FailureInfo:
+        return FailureInfo(reason=self.reason, message=self.message, exit_code=self.exit_code,
+                           location=self.location, time=self.time)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def container_failure(pod_name: str, container: Mapping[str, Any]) -> ModelFailure | None:
+    """Why this container stopped, when it is a model failure: the reason the runtime or the download
+    wrote to the termination log, or the kernel's OOM kill. A running container's past is not a failure."""
+    state = container.get("state") or {}
+    if "running" in state:
+        return None
+    terminated = state.get("terminated") or (container.get("lastState") or {}).get("terminated")
+    if not terminated or terminated.get("exitCode", 0) == 0:
+        return None
+    name = container.get("name", "")
+    location = f"pod {pod_name} container {name}"
+    exit_code = terminated.get("exitCode")
+    finished = terminated.get("finishedAt")
+    message = _first_line(terminated.get("message") or "")
+    reason, _, detail = message.partition(": ")
+    if reason in MODEL_REASONS:
+        return ModelFailure(reason, detail, exit_code, location, finished)
+    if terminated.get("reason") == "OOMKilled":
+        return ModelFailure(MODEL_OUT_OF_MEMORY, "the container exceeded its memory limit and was killed (OOMKilled)",
+                            exit_code, location, finished)
+    if name == DOWNLOAD_CONTAINER:
+        return ModelFailure(MODEL_DOWNLOAD_FAILED, message or f"the download exited with code {exit_code}",
+                            exit_code, location, finished)
+    return None
+
+
+def model_failures(pods: Iterable[Mapping[str, Any]]) -> list[ModelFailure]:
+    """Every pod's model failure, in pod order: init containers first (a download precedes a load)."""
+    found: list[ModelFailure] = []
     for pod in pods:
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        name = pod.get("metadata", {}).get("name", "")
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            failure = container_failure(name, container)
+            if failure is not None:
+                found.append(failure)
+                break
+    return found
+
+
+def pod_problem(pods: Iterable[Mapping[str, Any]]) -> Observation | None:
+    """Why pods cannot become ready: a model that cannot download or load, the scheduler's message,
+    an image pull or a crash loop."""
+    pod_list = list(pods)
+    failures = model_failures(pod_list)
+    if failures:
+        return failures[0].observation()
+    found: list[tuple[int, str, Observation]] = []
+    for pod in pod_list:
         name = pod.get("metadata", {}).get("name", "")
         if pod.get("metadata", {}).get("deletionTimestamp"):
             continue
@@ -91,6 +172,49 @@ def pod_problem(pods: Iterable[Mapping[str, Any]]) -> Observation | None:
                 message = f"container {container.get('name')} of pod {name} cannot start: {detail}"
                 found.append((1 + _WAITING_REASONS.index(reason), name, Observation(False, reason, message)))
     return min(found, key=lambda item: item[:2])[2] if found else None
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _pod_loading(pod: Mapping[str, Any]) -> bool:
+    """Downloading or loading: an init or runtime container is running (but the pod is not ready)."""
+    status = pod.get("status") or {}
+    containers = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+    return any("running" in (c.get("state") or {}) for c in containers)
+
+
+def model_status(pods: Iterable[Mapping[str, Any]], ready: bool, previous: ModelStatus | None) -> ModelStatus:
+    """status.modelStatus in KServe's shape, from the pods as they are now.
+
+    The target state is the rollout's (FailedToLoad as soon as a pod fails, Loaded once Ready), the
+    active one what the ready pods serve; lastFailureInfo keeps the last failure seen until a new one.
+    """
+    live = [pod for pod in pods if not pod.get("metadata", {}).get("deletionTimestamp")]
+    failures = model_failures(live)
+    ready_pods = sum(1 for pod in live if _pod_ready(pod))
+    target: ModelState
+    if ready:
+        target = "Loaded"
+    elif failures:
+        target = "FailedToLoad"
+    elif any(_pod_loading(pod) for pod in live):
+        target = "Loading"
+    else:
+        target = "Pending"
+    active: ModelState = "Loaded" if ready_pods else target
+    transition: Literal["UpToDate", "InProgress", "BlockedByFailedLoad"] = (
+        "UpToDate" if ready else "BlockedByFailedLoad" if failures else "InProgress"
+    )
+    last_failure = failures[0].info() if failures else (previous.last_failure_info if previous else None)
+    return ModelStatus(
+        transition_status=transition,
+        states=ModelStates(active_model_state=active, target_model_state=target),
+        last_failure_info=last_failure,
+        copies=ModelCopies(failed_copies=len(failures), total_copies=len(live)),
+    )
 
 
 def deployment_readiness(deployment: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> Observation:
@@ -176,6 +300,7 @@ def compute_status(
         selector=selector_string(isvc),
         gpus=isvc.spec.resources.gpus * desired,
         workers=isvc.spec.workers,
+        model_status=model_status(pod_list, readiness.ok, previous.model_status),
         conditions=[ready_condition, reconciled_condition],
     )
     return status.model_dump(by_alias=True, exclude_none=True)

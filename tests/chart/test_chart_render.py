@@ -81,13 +81,22 @@ def test_watch_namespaces_mean_roles_there_and_namespace_flags(helm: Helm) -> No
     ]
 
 
-def test_rules_grant_no_secrets_nodes_or_wildcards(helm: Helm) -> None:
+def test_rules_grant_no_wildcards_and_secrets_only_by_name(helm: Helm) -> None:
     objects = helm.template("--set", "peering.enabled=true", "--set", "replicas=2", "--api-versions", PEERING_API)
     for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-            assert not {"secrets", "nodes", "configmaps"} & set(rule["resources"]), rule
+            assert not {"nodes", "configmaps"} & set(rule["resources"]), rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+            if "secrets" in rule["resources"]:  # download credentials: get by name, never list or watch
+                assert rule == {"apiGroups": [""], "resources": ["serviceaccounts", "secrets"], "verbs": ["get"]}
+
+
+def test_storage_credentials_can_be_left_unreadable(helm: Helm) -> None:
+    objects = helm.template("--set", "rbac.readStorageCredentials=false")
+    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        for rule in role["rules"]:
+            assert not {"secrets", "serviceaccounts"} & set(rule["resources"]), rule
 
 
 def test_peering_flags_objects_and_pdb(helm: Helm) -> None:

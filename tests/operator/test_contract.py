@@ -148,7 +148,8 @@ BATCHING_LEAVES = {
 SPECS = st.fixed_dictionaries(
     {
         "model": st.fixed_dictionaries(
-            {"uri": st.sampled_from(["file:///models/m.pt", "pvc://models/a/m.onnx", "https://example.com/m.pt2"])},
+            {"uri": st.sampled_from(["file:///models/m.pt", "pvc://models/a/m.onnx", "https://example.com/m.pt2",
+                                     "s3://models/cnn/1/model.pt", "gs://models/m.onnx"])},
             optional={
                 "name": st.sampled_from(["mlp", "resnet-50", "a.b_c"]),
                 "format": st.sampled_from(schema_at(["model", "format"])["enum"]),

@@ -136,8 +136,12 @@ def test_http_model_is_downloaded_by_an_init_container() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["image"] == "registry.test/forkless-runtime:1"
-    assert init["command"][-2:] == ["https://models.example.com/mlp/model.onnx", "/mnt/models/model.onnx"]
+    assert init["command"] == ["forkless-runtime", "fetch", "https://models.example.com/mlp/model.onnx",
+                               "/mnt/models", "--timeout-s", "1800"]
+    assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert init["resources"]["limits"] == {"memory": "1Gi"}
     assert init["volumeMounts"] == [{"name": "model", "mountPath": "/mnt/models"}]
+    assert "env" not in init  # no credentials: none given
     assert {"name": "model", "emptyDir": {}} in pod["volumes"]
     assert env_of(deployment)["FORKLESS_MODEL_URI"] == "file:///mnt/models/model.onnx"
 

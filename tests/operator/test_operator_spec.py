@@ -10,6 +10,7 @@ import pytest
 import yaml
 from forkless_operator import spec
 from forkless_operator.spec import InferenceService, InferenceServiceSpec
+from forkless_runtime.storage import uris
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -22,6 +23,7 @@ INVALID_EXAMPLES = {
     "fork.yaml": spec.NO_FORK_RULE.message,
     "min-above-max.yaml": spec.MIN_MAX_REPLICAS_RULE.message,
     "bad-scheme.yaml": spec.URI_SCHEME_RULE.message,
+    "malformed-hf.yaml": uris.HF_MESSAGE,
     "memory-overcommit.yaml": spec.GPU_FRACTION_FITS_RULE.message,
     "python-without-handler.yaml": spec.PYTHON_HANDLER_RULE.message,
     "zero-workers.yaml": spec.WORKERS_RULE.message,
@@ -69,9 +71,9 @@ def test_fork_message_says_why() -> None:
     ("body", "message"),
     [
         (minimal(runtime={"startMethod": "threads"}), spec.START_METHOD_RULE.message),
-        (minimal(model={"uri": "pvc://Models/m.pt"}), spec.PVC_URI_RULE.message),
-        (minimal(model={"uri": "pvc://models"}), spec.PVC_URI_RULE.message),
-        (minimal(model={"uri": "file://relative/m.pt"}), spec.FILE_URI_RULE.message),
+        (minimal(model={"uri": "pvc://Models/m.pt"}), uris.PVC_MESSAGE),
+        (minimal(model={"uri": "pvc://models"}), uris.PVC_MESSAGE),
+        (minimal(model={"uri": "file://relative/m.pt"}), uris.FILE_MESSAGE),
         (minimal(replicas=2, autoscaling={"maxReplicas": 3}, resources={"cpu": 1}),
          spec.REPLICAS_OR_AUTOSCALING_RULE.message),
         (minimal(autoscaling={"maxReplicas": 3}), spec.AUTOSCALING_NEEDS_CPU_RULE.message),

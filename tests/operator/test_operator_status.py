@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from forkless_operator.settings import Settings
 from forkless_operator.spec import InferenceService, InferenceServiceStatus
 from forkless_operator.status import APPLIED, Observation, compute_status, invalid_spec_status
@@ -55,6 +56,9 @@ def test_ready_when_updated_replicas_are_available() -> None:
         "selector": "app.kubernetes.io/name=forkless-runtime,app.kubernetes.io/instance=cnn",
         "gpus": 4,
         "workers": 4,
+        "modelStatus": {"transitionStatus": "UpToDate",
+                        "states": {"activeModelState": "Loaded", "targetModelState": "Loaded"},
+                        "copies": {"failedCopies": 0, "totalCopies": 0}},
         "conditions": [
             {"type": "Ready", "status": "True", "reason": "Available", "message": "2/2 replicas are available",
              "lastTransitionTime": T0, "observedGeneration": 3},
@@ -147,3 +151,71 @@ def test_invalid_spec_status() -> None:
     assert status["observedGeneration"] == 7
     assert {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]} == {
         "Ready": ("False", "InvalidSpec"), "Reconciled": ("False", "InvalidSpec")}
+
+
+# --- a model that cannot download or load ----------------------------------------------------------
+
+
+def crashed_pod(container: str, message: str, exit_code: int = 1, init: bool = False, name: str = "cnn-ghi",
+                reason: str = "Error") -> dict[str, Any]:
+    """A pod whose container gave up and waits in CrashLoopBackOff, its last words in lastState."""
+    crashed = {"name": container, "ready": False,
+               "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting"}},
+               "lastState": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message,
+                                            "finishedAt": T0}}}
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return {"metadata": {"name": name}, "status": {"phase": "Pending", key: [crashed]}}
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason", "message"),
+    [
+        (crashed_pod("download-model", "ModelDownloadFailed: s3://models/cnn: access denied (403), check the credentials",
+                     init=True),
+         "ModelDownloadFailed", "s3://models/cnn: access denied (403), check the credentials"),
+        (crashed_pod("runtime", "ModelLoadFailed: the model cannot be loaded: RuntimeError: PytorchStreamReader failed\n"
+                     "more detail"),
+         "ModelLoadFailed", "the model cannot be loaded: RuntimeError: PytorchStreamReader failed"),
+        (crashed_pod("runtime", "ModelOutOfMemory: CUDA out of memory"), "ModelOutOfMemory", "CUDA out of memory"),
+        (crashed_pod("runtime", "", exit_code=137, reason="OOMKilled"), "ModelOutOfMemory",
+         "the container exceeded its memory limit and was killed (OOMKilled)"),
+        (crashed_pod("download-model", "Traceback (most recent call last):", init=True), "ModelDownloadFailed",
+         "Traceback (most recent call last):"),
+    ],
+)
+def test_a_model_that_cannot_download_or_load_says_why(pod: dict[str, Any], reason: str, message: str) -> None:
+    status = compute_status(isvc(), deployment(available=0, ready=0), [pending_pod("cnn-a"), pod], 3,
+                            reconciled=APPLIED, settings=SETTINGS, now=T0)
+    ready = conditions(status)["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert ready["message"].startswith(message)
+    assert "pod cnn-ghi container" in ready["message"]
+    model = status["modelStatus"]
+    assert model["transitionStatus"] == "BlockedByFailedLoad"
+    assert model["states"] == {"activeModelState": "FailedToLoad", "targetModelState": "FailedToLoad"}
+    assert model["copies"] == {"failedCopies": 1, "totalCopies": 2}
+    assert model["lastFailureInfo"]["reason"] == reason
+    assert model["lastFailureInfo"]["time"] == T0
+
+
+def test_a_crash_unrelated_to_the_model_stays_a_crash_loop() -> None:
+    pod = crashed_pod("runtime", "usage: forkless-runtime ...", exit_code=2)
+    status = compute_status(isvc(), deployment(available=0, ready=0), [pod], 3, reconciled=APPLIED,
+                            settings=SETTINGS, now=T0)
+    assert conditions(status)["Ready"]["reason"] == "CrashLoopBackOff"
+    assert status["modelStatus"]["copies"]["failedCopies"] == 0
+
+
+def test_a_recovered_container_is_not_a_failure_and_the_last_failure_is_kept() -> None:
+    failed = compute_status(isvc(), deployment(available=0, ready=0),
+                            [crashed_pod("runtime", "ModelLoadFailed: bad file")], 3,
+                            reconciled=APPLIED, settings=SETTINGS, now=T0)
+    running = crashed_pod("runtime", "ModelLoadFailed: bad file")
+    running["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": T0}}
+    previous = InferenceServiceStatus.model_validate(failed)
+    status = compute_status(isvc(), deployment(available=0, ready=0), [running], 3, reconciled=APPLIED,
+                            previous=previous, settings=SETTINGS, now=T0)
+    assert conditions(status)["Ready"]["reason"] == "Progressing"
+    assert status["modelStatus"]["states"]["targetModelState"] == "Loading"
+    assert status["modelStatus"]["transitionStatus"] == "InProgress"
+    assert status["modelStatus"]["lastFailureInfo"]["message"] == "bad file"

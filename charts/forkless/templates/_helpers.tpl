@@ -81,6 +81,14 @@ No secrets, no nodes, no configmaps.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
+# Download credentials as KServe keeps them: the pods' ServiceAccount and the Secrets it lists (or
+# the one the serving.kserve.io/storageSecretName annotation names). Read by name only, never listed
+# or watched; the values reach the pods by secretKeyRef, not through the operator.
+{{- if .Values.rbac.readStorageCredentials }}
+- apiGroups: [""]
+  resources: [serviceaccounts, secrets]
+  verbs: [get]
+{{- end }}
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

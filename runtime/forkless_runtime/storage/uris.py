@@ -21,7 +21,8 @@ GS_URI_PATTERN = r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$"
 # KServe's form: hf://owner/repo with an optional :revision (a branch, tag or commit).
 HF_URI_PATTERN = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._/-]*)?$"
 PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[^/].*$"
-HTTP_URI_PATTERN = r"^https?://[^/?#\s]+/[^?#\s]*[^/?#\s](\?[^#\s]*)?$"
+# No backslashes in any pattern: the CRD's CEL rules carry them verbatim in string literals.
+HTTP_URI_PATTERN = r"^https?://[^/?# ]+/[^?# ]*[^/?# ]([?][^# ]*)?$"
 
 SCHEME_MESSAGE = "uri must start with s3://, gs://, hf://, https://, http://, pvc:// or file://"
 S3_MESSAGE = "an s3 uri must be s3://<bucket>[/<key or prefix>], the bucket 3-63 lower-case letters, digits, dots or dashes"
