@@ -66,6 +66,7 @@ class MotoS3:
     host: str = "127.0.0.1"
     port: int = 0
     buckets: tuple[str, ...] = ("models",)
+    authenticate: bool = True  # False: unsigned requests pass too (the benchmark's raw curl reads)
     access_key_id: str = ""
     secret_access_key: str = ""
     process: subprocess.Popen[bytes] | None = None
@@ -78,7 +79,7 @@ class MotoS3:
         moto_server = subprocess.run([str(REPO / "hack" / "storage-servers.sh")], check=True,
                                      capture_output=True, text=True).stdout.strip()
         self.port = self.port or free_port()
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"} if self.authenticate else dict(os.environ)
         self.process = subprocess.Popen([moto_server, "-H", bind or self.host, "-p", str(self.port)], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_http(f"http://127.0.0.1:{self.port}/moto-api/")

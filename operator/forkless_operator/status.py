@@ -102,9 +102,13 @@ def _first_line(text: str) -> str:
 
 def container_failure(pod_name: str, container: Mapping[str, Any]) -> ModelFailure | None:
     """Why this container stopped, when it is a model failure: the reason the runtime or the download
-    wrote to the termination log, or the kernel's OOM kill. A running container's past is not a failure."""
+    wrote to the termination log, or the kernel's OOM kill.
+
+    A container that runs again after a failure (the kubelet's retry) still reports it until it is
+    ready or has completed: otherwise every retry would flip Ready's reason and back.
+    """
     state = container.get("state") or {}
-    if "running" in state:
+    if container.get("ready") or (state.get("terminated") or {}).get("exitCode", 1) == 0:
         return None
     terminated = state.get("terminated") or (container.get("lastState") or {}).get("terminated")
     if not terminated or terminated.get("exitCode", 0) == 0:

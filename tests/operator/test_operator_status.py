@@ -206,14 +206,19 @@ def test_a_crash_unrelated_to_the_model_stays_a_crash_loop() -> None:
     assert status["modelStatus"]["copies"]["failedCopies"] == 0
 
 
-def test_a_recovered_container_is_not_a_failure_and_the_last_failure_is_kept() -> None:
+def test_a_retry_keeps_the_reason_and_a_recovered_container_keeps_only_the_last_failure() -> None:
     failed = compute_status(isvc(), deployment(available=0, ready=0),
                             [crashed_pod("runtime", "ModelLoadFailed: bad file")], 3,
                             reconciled=APPLIED, settings=SETTINGS, now=T0)
-    running = crashed_pod("runtime", "ModelLoadFailed: bad file")
-    running["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": T0}}
+    retrying = crashed_pod("runtime", "ModelLoadFailed: bad file")
+    retrying["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": T0}}
     previous = InferenceServiceStatus.model_validate(failed)
-    status = compute_status(isvc(), deployment(available=0, ready=0), [running], 3, reconciled=APPLIED,
+    status = compute_status(isvc(), deployment(available=0, ready=0), [retrying], 3, reconciled=APPLIED,
+                            previous=previous, settings=SETTINGS, now=T0)
+    assert conditions(status)["Ready"]["reason"] == "ModelLoadFailed"  # the kubelet's retry: no flip and back
+    recovered = crashed_pod("runtime", "ModelLoadFailed: bad file")
+    recovered["status"]["containerStatuses"][0].update(state={"running": {"startedAt": T0}}, ready=True)
+    status = compute_status(isvc(), deployment(available=0, ready=0), [recovered], 3, reconciled=APPLIED,
                             previous=previous, settings=SETTINGS, now=T0)
     assert conditions(status)["Ready"]["reason"] == "Progressing"
     assert status["modelStatus"]["states"]["targetModelState"] == "Loading"
