@@ -207,3 +207,49 @@ def run_fetch(uri: str, destination: Path, env: Mapping[str, str], timeout_s: fl
         [sys.executable, "-m", "forkless_runtime.cli", "fetch", uri, str(destination), *extra],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout_s + 30,
     )
+
+
+@dataclass
+class StalledServer:
+    """An HTTP server that announces a large file and then sends a trickle (64 KiB every 0.1 s): the
+    stalled download of kserve#5611, which must end at the download timeout instead of hanging."""
+
+    host: str = "127.0.0.1"
+    size: int = 1 << 30
+    server: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://{self.host}:{self.server.server_address[1]}/model.pt"
+
+    def start(self, bind: str | None = None) -> StalledServer:
+        size = self.size
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self.do_HEAD()
+                try:
+                    for _ in range(size // (64 << 10)):
+                        self.wfile.write(b"\0" * (64 << 10))
+                        time.sleep(0.1)
+                except OSError:
+                    pass  # the client gave up, as it should
+
+        self.server = http.server.ThreadingHTTPServer((bind or self.host, 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

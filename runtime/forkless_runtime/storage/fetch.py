@@ -6,8 +6,9 @@ credentials from the environment with AWS's and Google's names); Hugging Face re
 huggingface_hub (the Hub's own protocol, tokens and revisions); plain http(s) through the standard
 library. Every object is written to ``<name>.part`` and renamed only once its size (and, where the
 ETag is an MD5, its digest) checks out, so a file under its final name is always whole. Large
-objects are read as parallel ranges pinned to the first ETag (If-Match), small ones streamed; either
-way at most ``workers x part_size`` bytes are in memory. Transient failures are retried with
+objects are read as one stream or as parallel ranges, whichever the server serves faster (measured
+on the object itself), every read pinned to the first ETag (If-Match); either way at most
+``readers x part_size`` bytes are in memory. Transient failures are retried with
 back-off; a 403, 404 or bad credential is not, since it will not heal. The caller enforces the
 total deadline (forkless_runtime.cli) so nothing ever hangs.
 """
@@ -33,9 +34,17 @@ from .uris import ModelLocation, parse_model_uri
 log = logging.getLogger("forkless.fetch")
 
 PART_SIZE = 8 << 20
-# Objects at least this large are read as parallel ranges; smaller ones are streamed whole.
-PARALLEL_THRESHOLD = 32 << 20
+# What one read of a stream returns at least: fewer, larger writes.
+STREAM_CHUNK = 1 << 20
+# Objects at least this large may be read as parallel ranges (_download_large); smaller ones are streamed.
+PARALLEL_THRESHOLD = 128 << 20
 READERS = 8
+# How long a large object is streamed before the probe decides between one stream and ranges, and
+# how much faster the ranges must promise to be to be chosen.
+PROBE_S = 0.5
+PARALLEL_GAIN = 1.5
+# A stream this fast is left alone: one init container CPU writing to disk gains little from ranges.
+FAST_STREAM_RATE = 256 << 20
 RETRIES = 5
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 8.0
@@ -235,7 +244,7 @@ class ObjectStoreSource:
 
         options: dict[str, Any] = {"if_match": obj.etag} if obj.etag else {}
         result = obstore.get(self.store, obj.key, options=options)  # type: ignore[arg-type]
-        for chunk in result.stream(min_chunk_size=1 << 20):
+        for chunk in result.stream(min_chunk_size=STREAM_CHUNK):
             yield memoryview(chunk)
 
 
@@ -315,16 +324,22 @@ def _verify(obj: RemoteObject, path: str, size: int, md5: Any | None, what: str)
         raise PermanentFailure(f"{what}: the MD5 of the bytes received does not match the ETag {obj.etag}")
 
 
+def _md5_for(obj: RemoteObject) -> Any | None:
+    """An MD5 to fill while streaming, when the ETag is one (single-part uploads); else None."""
+    return hashlib.md5(usedforsecurity=False) if _MD5_ETAG.match(obj.etag or "") else None
+
+
 def _download_streamed(source: Source, obj: RemoteObject, part: str, deadline: float) -> None:
     what = f"{source.describe()} ({obj.name})"
 
     def attempt() -> None:
-        md5 = hashlib.md5(usedforsecurity=False)
+        md5 = _md5_for(obj)
         size = 0
         with open(part, "wb") as out:
             for chunk in source.stream(obj):
                 out.write(chunk)
-                md5.update(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
                 size += len(chunk)
                 if time.monotonic() > deadline:
                     raise PermanentFailure(f"{what}: the download timeout ran out")
@@ -333,32 +348,96 @@ def _download_streamed(source: Source, obj: RemoteObject, part: str, deadline: f
     _retrying(what, attempt, deadline)
 
 
-def _download_ranges(source: Source, obj: RemoteObject, part: str, deadline: float, pool: ThreadPoolExecutor,
-                     part_size: int) -> None:
-    """Parallel ranged reads into a preallocated file; each range retried on its own."""
+def _read_ranges(source: Source, obj: RemoteObject, descriptor: int, start: int, end: int, deadline: float,
+                 pool: ThreadPoolExecutor, part_size: int) -> None:
+    """Bytes [start, end) as parallel ranged reads written in place, each range retried on its own."""
+    what = f"{source.describe()} ({obj.name})"
+
+    def read(offset: int) -> None:
+        stop = min(offset + part_size, end)
+
+        def attempt() -> None:
+            data = source.read_range(obj, offset, stop)
+            if len(data) != stop - offset:
+                raise DownloadFailed(f"{what}: range {offset}-{stop} came back with {len(data)} bytes")
+            os.pwrite(descriptor, data, offset)
+
+        _retrying(what, attempt, deadline)
+
+    futures = [pool.submit(read, offset) for offset in range(start, end, part_size)]
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    for future in pending:
+        future.cancel()
+    wait(pending)
+    for future in done:
+        future.result()
+
+
+def _download_large(source: Source, obj: RemoteObject, part: str, deadline: float, pool: ThreadPoolExecutor,
+                    part_size: int, readers: int) -> None:
+    """One stream or parallel ranges, whichever this server serves faster, measured rather than assumed.
+
+    Object stores give each connection a modest rate (AWS S3 about 100 MB/s), so ranges read at once
+    multiply it; some servers instead re-read the whole object for every range (moto: a 1 GiB object
+    streams at 1 GB/s, but 8 ranges at once come at 160 MiB/s). So the object is first streamed for
+    PROBE_S; a stream at FAST_STREAM_RATE or more reads on to the end; otherwise the last part is read
+    as one range, and the rest goes as parallel ranges when ``readers`` of them promise PARALLEL_GAIN
+    times the stream's rate. A stream that breaks continues as ranges from where it stopped.
+    """
     what = f"{source.describe()} ({obj.name})"
     with open(part, "wb") as out:
         out.truncate(obj.size)
     descriptor = os.open(part, os.O_WRONLY)
     try:
-        def read(start: int) -> None:
-            end = min(start + part_size, obj.size)
-
-            def attempt() -> None:
-                data = source.read_range(obj, start, end)
-                if len(data) != end - start:
-                    raise DownloadFailed(f"{what}: range {start}-{end} came back with {len(data)} bytes")
-                os.pwrite(descriptor, data, start)
-
-            _retrying(what, attempt, deadline)
-
-        futures = [pool.submit(read, start) for start in range(0, obj.size, part_size)]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        for future in done:
-            future.result()
-        wait(pending)
+        tail = max(obj.size - part_size, 0)
+        position = 0
+        stream = source.stream(obj)
+        timed_from = timed_position = None
+        try:
+            for chunk in stream:
+                os.pwrite(descriptor, chunk, position)
+                position += len(chunk)
+                now = time.monotonic()
+                if timed_from is None:  # the rate from the first byte on: not the request's latency
+                    timed_from, timed_position = now, position
+                elif now - timed_from >= PROBE_S or position >= tail:
+                    break
+        except Exception as error:  # a broken stream: the ranges take over from here
+            log.warning("%s; continuing with ranged reads", _classify(error, what))
+        elapsed = time.monotonic() - timed_from if timed_from is not None else 0.0
+        stream_rate = (position - (timed_position or 0)) / max(elapsed, 1e-6)
+        parallel = False
+        if stream_rate < FAST_STREAM_RATE and position < tail:
+            # The last part as one range: `readers` of them at once promise readers times its rate.
+            probe_started = time.monotonic()
+            _read_ranges(source, obj, descriptor, tail, obj.size, deadline, pool, part_size)
+            range_rate = readers * (obj.size - tail) / max(time.monotonic() - probe_started, 1e-6)
+            parallel = range_rate > PARALLEL_GAIN * stream_rate
+            log.info("%s: one stream %.0f MiB/s, %d ranges at once about %.0f MiB/s: %s", what,
+                     stream_rate / (1 << 20), readers, range_rate / (1 << 20),
+                     "parallel ranges" if parallel else "one stream")
+        else:
+            tail = obj.size  # the stream is fast (or done): it reads to the end
+            log.info("%s: one stream at %.0f MiB/s", what, stream_rate / (1 << 20))
+        if not parallel and position < tail:
+            try:
+                for chunk in stream:
+                    wanted = min(len(chunk), tail - position)
+                    os.pwrite(descriptor, chunk[:wanted], position)
+                    position += wanted
+                    if position >= tail:
+                        break
+                    if time.monotonic() > deadline:
+                        raise PermanentFailure(f"{what}: the download timeout ran out")
+            except PermanentFailure:
+                raise
+            except Exception as error:
+                log.warning("%s; continuing with ranged reads", _classify(error, what))
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        if position < tail:
+            _read_ranges(source, obj, descriptor, position, tail, deadline, pool, part_size)
     finally:
         os.close(descriptor)
     _verify(obj, part, os.path.getsize(part), None, what)
@@ -384,7 +463,7 @@ def download(source: Source, destination: str, deadline: float, readers: int = R
             part = f"{target}.part"
             try:
                 if obj.parallel:
-                    _download_ranges(source, obj, part, deadline, pool, part_size)
+                    _download_large(source, obj, part, deadline, pool, part_size, readers)
                 else:
                     _download_streamed(source, obj, part, deadline)
                 os.replace(part, target)
