@@ -62,18 +62,18 @@ def apply_children(kube: Kube, isvc: InferenceService, applied: AppliedChildren,
 
 
 def model_claim_problem(kube: Kube, isvc: InferenceService) -> Observation | None:
-    """A pvc:// model whose claim does not exist: Ready=False with the reason, not a retry loop."""
-    uri = isvc.spec.model.uri
-    if not uri.startswith("pvc://"):
-        return None
-    claim = uri.removeprefix("pvc://").split("/", 1)[0]
-    if kube.get(kinds.PVC.api_version, kinds.PVC.kind, isvc.metadata.namespace, claim) is not None:
-        return None
-    message = (
-        f'persistentvolumeclaim "{claim}" must exist in namespace {isvc.metadata.namespace}: '
-        "the model is read from it"
-    )
-    return Observation(False, "ModelClaimNotFound", message)
+    """A pvc:// model or a cache whose claim does not exist: Ready=False with the reason, not a retry loop."""
+    model = isvc.spec.model
+    claims: list[tuple[str, str, str]] = []
+    if model.uri.startswith("pvc://"):
+        claims.append((model.uri.removeprefix("pvc://").split("/", 1)[0], "ModelClaimNotFound", "the model is read from it"))
+    if model.cache is not None:
+        claims.append((model.cache.claim_name, "ModelCacheClaimNotFound", "model.cache keeps downloads on it"))
+    for claim, reason, why in claims:
+        if kube.get(kinds.PVC.api_version, kinds.PVC.kind, isvc.metadata.namespace, claim) is None:
+            message = f'persistentvolumeclaim "{claim}" must exist in namespace {isvc.metadata.namespace}: {why}'
+            return Observation(False, reason, message)
+    return None
 
 
 def download_credentials(kube: Kube, isvc: InferenceService) -> tuple[StorageCredentials, Observation | None]:

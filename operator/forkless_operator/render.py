@@ -25,6 +25,8 @@ from forkless_operator.spec import API_VERSION, KIND, OPERATOR_DRAIN_DELAY_S, In
 HTTP_PORT = 8080
 SERVICE_PORT = 80
 MODEL_MOUNT_PATH = "/mnt/models"
+# The cache volume, at the same path in the init container (writes) and the runtime (reads the links).
+MODEL_CACHE_PATH = "/mnt/model-cache"
 RUNTIME_CONTAINER = "runtime"
 # Kubernetes waits this much longer than the runtime's drain delay and grace period together
 # before SIGKILL, so that in-flight requests never die with the pod.
@@ -140,13 +142,18 @@ def model_source(
         env = [*credentials.env]
         if location.scheme == "hf":  # huggingface_hub's cache and locks, beside the model (HOME may be read-only)
             env.append({"name": "HF_HOME", "value": f"{MODEL_MOUNT_PATH}/.hf-home"})
+        command = ["forkless-runtime", "fetch", model.uri, MODEL_MOUNT_PATH,
+                   "--timeout-s", str(model.download_timeout_seconds)]
+        mounts = [{"name": "model", "mountPath": MODEL_MOUNT_PATH}]
+        if model.cache is not None:
+            command += ["--cache", MODEL_CACHE_PATH]
+            mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_PATH})
         init: dict[str, Any] = {
             "name": DOWNLOAD_CONTAINER,
-            "command": ["forkless-runtime", "fetch", model.uri, MODEL_MOUNT_PATH,
-                        "--timeout-s", str(model.download_timeout_seconds)],
+            "command": command,
             "resources": DOWNLOAD_RESOURCES,
             "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
-            "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT_PATH}, *credentials.mounts],
+            "volumeMounts": [*mounts, *credentials.mounts],
         }
         if env:
             init["env"] = env
@@ -303,6 +310,10 @@ def render_deployment(isvc: InferenceService, settings: Settings | None = None,
         volumes.append(model_volume)
     if download is not None:
         volumes += credentials.volumes
+        cache = spec.model.cache
+        if cache is not None:  # the model's files are links into the cache
+            mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_PATH, "readOnly": True})
+            volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claim_name}})
 
     container: dict[str, Any] = {
         "name": RUNTIME_CONTAINER,

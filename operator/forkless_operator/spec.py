@@ -137,6 +137,35 @@ def _matches(pattern: str, value: str) -> bool:
     return re.search(pattern, value) is not None
 
 
+CACHE_NEEDS_DOWNLOAD_RULE = Rule(
+    rule="!has(self.cache) || " + _scheme_cel(tuple(f"{scheme}://" for scheme in uris.DOWNLOADED_SCHEMES))
+    .replace("self.startsWith", "self.uri.startsWith"),
+    message="cache applies to downloaded models only: s3://, gs://, hf://, https:// or http://",
+    holds=lambda m: m.cache is None or parse_uri_scheme(m.uri) in uris.DOWNLOADED_SCHEMES,
+)
+
+
+def parse_uri_scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+class ModelCacheSpec(_Model):
+    """Where downloads are kept between pods."""
+
+    claim_name: str = Field(
+        ...,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "A PersistentVolumeClaim in the InferenceService's namespace (ReadWriteMany when pods run on "
+            "several nodes). Downloads are kept there under the URI and the version of what it names "
+            "(ETags, or the Hugging Face commit): a second pod, a restart or a scale-up downloads nothing, "
+            "and a new version of the model is downloaded beside the old one."
+        ),
+    )
+
+
 class ModelSpec(_Model):
     """Which model to serve and how to load it."""
 
@@ -171,6 +200,10 @@ class ModelSpec(_Model):
             "the pod reports ModelDownloadFailed instead of hanging. Default 1800."
         ),
     )
+    cache: ModelCacheSpec | None = Field(
+        default=None,
+        description="Keep downloads on a PersistentVolumeClaim so that pods with the same model version do not download again.",
+    )
     format: Literal["torchscript", "torch-export", "onnx", "python"] | None = Field(
         default=None,
         description="Model format; inferred by the runtime from the file extension when omitted.",
@@ -182,7 +215,7 @@ class ModelSpec(_Model):
         description="Import string module:Class of the handler the workers load; required for format python.",
     )
 
-    model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE))
+    model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE, CACHE_NEEDS_DOWNLOAD_RULE))
 
     @field_validator("uri")
     @classmethod
@@ -194,6 +227,7 @@ class ModelSpec(_Model):
     @model_validator(mode="after")
     def _handler_rule(self) -> ModelSpec:
         PYTHON_HANDLER_RULE.check(self)
+        CACHE_NEEDS_DOWNLOAD_RULE.check(self)
         return self
 
 

@@ -35,10 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("destination", help="the directory to download into (created)")
     fetch.add_argument("--timeout-s", type=float, default=DOWNLOAD_TIMEOUT_S,
                        help=f"give up after this many seconds in all (default {DOWNLOAD_TIMEOUT_S:g})")
+    fetch.add_argument("--cache", metavar="DIR",
+                       help="keep the download in DIR (a shared volume) under the URI and version, link it into "
+                       "the destination, and download nothing when that version is already there")
     return parser
 
 
-def fetch_model(uri: str, destination: str, timeout_s: float) -> int:
+def fetch_model(uri: str, destination: str, timeout_s: float, cache: str | None = None) -> int:
     """The init container's command: exit 0 with the model in place, or 1 with the reason reported."""
     import logging
     import os
@@ -59,14 +62,18 @@ def fetch_model(uri: str, destination: str, timeout_s: float) -> int:
 
     timer = watchdog(timeout_s, expire)
     try:
-        report = fetch(uri, destination, timeout_s)
+        report = fetch(uri, destination, timeout_s, cache)
     except (DownloadFailed, InvalidModelUri, OSError) as error:
         fail(str(error))
         return 1
     finally:
         timer.cancel()
-    log.info("fetched %d file(s), %.1f MiB in %.2fs (%.1f MiB/s) into %s", len(report.files),
-             report.bytes / (1 << 20), report.seconds, report.megabytes_per_s, destination)
+    if report.cached:
+        log.info("found %d file(s), %.1f MiB in the cache %s: nothing downloaded; linked into %s",
+                 len(report.files), report.bytes / (1 << 20), cache, destination)
+    else:
+        log.info("fetched %d file(s), %.1f MiB in %.2fs (%.1f MiB/s) into %s", len(report.files),
+                 report.bytes / (1 << 20), report.seconds, report.megabytes_per_s, cache or destination)
     return 0
 
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "fetch":
         configure_logging("text", "info")
-        sys.exit(fetch_model(args.uri, args.destination, args.timeout_s))
+        sys.exit(fetch_model(args.uri, args.destination, args.timeout_s, args.cache))
     settings = settings_from_args(args, parser)
     configure_logging(settings.log_format, settings.log_level)
     multiprocessing.set_start_method(settings.start_method, force=True)

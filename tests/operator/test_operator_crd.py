@@ -83,7 +83,7 @@ def test_every_rule_is_in_the_crd_where_it_belongs() -> None:
     expected = {
         ".spec": [spec.REPLICAS_OR_AUTOSCALING_RULE, spec.AUTOSCALING_NEEDS_CPU_RULE,
                   spec.GPU_FRACTION_NEEDS_GPUS_RULE, spec.GPU_FRACTION_FITS_RULE],
-        ".spec.model": [spec.PYTHON_HANDLER_RULE],
+        ".spec.model": [spec.PYTHON_HANDLER_RULE, spec.CACHE_NEEDS_DOWNLOAD_RULE],
         ".spec.model.uri": [spec.URI_SCHEME_RULE, *spec.URI_FORM_RULES],
         ".spec.runtime.workers": [spec.WORKERS_RULE],
         ".spec.runtime.startMethod": [spec.NO_FORK_RULE, spec.START_METHOD_RULE],

@@ -228,3 +228,17 @@ def test_termination_grace_covers_the_drain_delay_and_the_grace_period() -> None
     assert pod["terminationGracePeriodSeconds"] == 3 + 60 + 15
     env = env_of(deployment)
     assert (env["FORKLESS_DRAIN_DELAY_S"], env["FORKLESS_GRACE_PERIOD_S"]) == ("2.5", "60")
+
+
+def test_a_model_cache_is_written_by_the_download_and_read_by_the_runtime() -> None:
+    isvc = InferenceService.model_validate({
+        "metadata": {"name": "cnn", "namespace": "ml", "uid": "u"},
+        "spec": {"model": {"uri": "hf://acme/cnn:v2", "cache": {"claimName": "model-cache"}}},
+    })
+    pod = render_deployment(isvc, SETTINGS)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"][-2:] == ["--cache", "/mnt/model-cache"]
+    assert {"name": "model-cache", "mountPath": "/mnt/model-cache"} in init["volumeMounts"]
+    runtime = pod["containers"][0]
+    assert {"name": "model-cache", "mountPath": "/mnt/model-cache", "readOnly": True} in runtime["volumeMounts"]
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}} in pod["volumes"]

@@ -24,6 +24,7 @@ INVALID_EXAMPLES = {
     "min-above-max.yaml": spec.MIN_MAX_REPLICAS_RULE.message,
     "bad-scheme.yaml": spec.URI_SCHEME_RULE.message,
     "malformed-hf.yaml": uris.HF_MESSAGE,
+    "cache-without-download.yaml": spec.CACHE_NEEDS_DOWNLOAD_RULE.message,
     "memory-overcommit.yaml": spec.GPU_FRACTION_FITS_RULE.message,
     "python-without-handler.yaml": spec.PYTHON_HANDLER_RULE.message,
     "zero-workers.yaml": spec.WORKERS_RULE.message,

@@ -132,6 +132,55 @@ def test_a_model_in_s3_with_kserves_secret_and_service_account_serves(kube: Kube
     assert response.json()["outputs"][0]["data"] == pytest.approx([x for row in expected for x in row], rel=1e-5, abs=1e-6)
 
 
+def test_a_second_pod_takes_the_model_from_the_cache(kube: Kube, real_node: RealNode, bucket: Bucket,
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    cache = tmp_path_factory.mktemp("model-cache")
+    cache.chmod(0o777)  # a local volume keeps its host directory's owner: the runtime user must write
+    pv = f"model-cache-{bucket.namespace}"
+    kube.apply(
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                  "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(cache)},
+                  "claimRef": {"namespace": bucket.namespace, "name": "model-cache"},
+                  "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                      {"key": "kubernetes.io/hostname", "operator": "In", "values": [real_node.name]}]}]}}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "model-cache", "namespace": bucket.namespace},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    )
+    try:
+        bucket.s3.put("cached/model.pt", bucket.models / "mlp.pt")
+        model = {"name": "mlp", "uri": "s3://models/cached/model.pt", "cache": {"claimName": "model-cache"}}
+        apply_isvc(kube, bucket.namespace, "cached", model)
+        wait_reason(kube, bucket.namespace, "cached", "Available")
+
+        def download_log() -> tuple[str, str]:
+            (pod,) = [p for p in kube.json("get", "pods", "-n", bucket.namespace, "-l",
+                                           "app.kubernetes.io/instance=cached")["items"]
+                      if not p["metadata"].get("deletionTimestamp")]
+            name = pod["metadata"]["name"]
+            return name, kube.kubectl("logs", "-n", bucket.namespace, name, "-c", "download-model").stdout
+
+        first, log = download_log()
+        assert "fetched 1 file(s)" in log, log
+        kube.kubectl("delete", "pod", "-n", bucket.namespace, first, "--wait=true", "--timeout=90s")
+
+        def replacement_ready() -> bool:
+            pods = kube.json("get", "pods", "-n", bucket.namespace, "-l", "app.kubernetes.io/instance=cached")["items"]
+            return any(p["metadata"]["name"] != first and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+                for p in pods)
+
+        wait_for(replacement_ready, READY_TIMEOUT_S, "the replacement pod ready")
+        second, log = download_log()
+        assert second != first
+        assert "in the cache /mnt/model-cache: nothing downloaded" in log, log
+    finally:
+        kube.kubectl("delete", ISVC, "cached", "-n", bucket.namespace, "--wait=true", "--timeout=90s", check=False)
+        kube.kubectl("delete", "pvc", "model-cache", "-n", bucket.namespace, "--wait=false", check=False)
+        kube.kubectl("delete", "pv", pv, "--wait=false", check=False)
+
+
 def test_a_wrong_key_shows_model_download_failed_naming_the_403_with_one_event(kube: Kube, bucket: Bucket) -> None:
     bucket.s3.put("mlp/1/model.pt", bucket.models / "mlp.pt")
     applied = apply_isvc(kube, bucket.namespace, "wrong-key", {"uri": "s3://models/mlp"}, account="wrongsecret-sa")

@@ -300,3 +300,44 @@ def test_fetch_streams_an_http_file_and_names_a_404(http_files: tuple[str, Path]
     missing = run_fetch(f"{url}/missing.onnx", tmp_path / "dest2", {})
     assert missing.returncode == 1
     assert f"ModelDownloadFailed: {url}/missing.onnx: does not exist (404" in missing.stderr
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+
+def test_a_cached_version_is_not_downloaded_again_and_a_new_version_is(s3: MotoS3, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = os.urandom(1 << 20)
+    s3.put("cached/model.pt", first)
+    result = run_fetch("s3://models/cached/model.pt", tmp_path / "pod-1", s3.env(), extra=("--cache", str(cache)))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pod-1" / "model.pt").is_symlink()
+    assert (tmp_path / "pod-1" / "model.pt").read_bytes() == first
+    (entry,) = [path for path in cache.iterdir() if not path.name.startswith(".")]
+    cached_at = (entry / "model.pt").stat().st_mtime_ns
+
+    again = run_fetch("s3://models/cached/model.pt", tmp_path / "pod-2", s3.env(), extra=("--cache", str(cache)))
+    assert again.returncode == 0, again.stderr
+    assert "in the cache" in again.stderr and "nothing downloaded" in again.stderr
+    assert (entry / "model.pt").stat().st_mtime_ns == cached_at
+    assert resolve_model_file(str(tmp_path / "pod-2")) == str(tmp_path / "pod-2" / "model.pt")
+
+    second = os.urandom(1 << 20)
+    s3.put("cached/model.pt", second)  # a new version under the same key: a new ETag
+    updated = run_fetch("s3://models/cached/model.pt", tmp_path / "pod-3", s3.env(), extra=("--cache", str(cache)))
+    assert updated.returncode == 0, updated.stderr
+    assert "fetched 1 file(s)" in updated.stderr
+    assert (tmp_path / "pod-3" / "model.pt").read_bytes() == second
+    assert len([path for path in cache.iterdir() if not path.name.startswith(".")]) == 2
+    assert not [path for path in cache.iterdir() if path.name.startswith(".")]  # no scratch left behind
+
+
+def test_a_hugging_face_revision_is_cached_by_its_commit(hub: FakeHub, tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_secret", "HF_HOME": str(tmp_path / "hf-home")}
+    cache = tmp_path / "cache"
+    assert run_fetch("hf://acme/cnn:main", tmp_path / "pod-1", env, extra=("--cache", str(cache))).returncode == 0
+    downloads = [request for request in hub.requests if "/resolve/" in request]
+    again = run_fetch("hf://acme/cnn:main", tmp_path / "pod-2", env, extra=("--cache", str(cache)))
+    assert again.returncode == 0, again.stderr
+    assert [request for request in hub.requests if "/resolve/" in request] == downloads  # no file fetched again
+    assert (tmp_path / "pod-2" / "model.pt").read_bytes() == hub.repos["acme/cnn"]["model.pt"]

@@ -20,6 +20,8 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 import urllib.error
@@ -84,6 +86,7 @@ class FetchReport:
     files: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    cached: bool = False  # served from the cache volume, nothing downloaded
 
     @property
     def megabytes_per_s(self) -> float:
@@ -451,10 +454,12 @@ def _safe_target(destination: str, name: str) -> str:
 
 
 def download(source: Source, destination: str, deadline: float, readers: int = READERS,
-             part_size: int = PART_SIZE) -> FetchReport:
-    """Every object of ``source`` under ``destination``, each renamed into place once verified."""
+             part_size: int = PART_SIZE, objects: list[RemoteObject] | None = None) -> FetchReport:
+    """Every object of ``source`` (as listed, unless given) under ``destination``, each renamed into
+    place once verified."""
     started = time.monotonic()
-    objects = _retrying(source.describe(), source.objects, deadline)
+    if objects is None:
+        objects = _retrying(source.describe(), source.objects, deadline)
     report = FetchReport()
     with ThreadPoolExecutor(readers, thread_name_prefix="fetch") as pool:
         def one(obj: RemoteObject) -> None:
@@ -523,14 +528,101 @@ def source_for(location: ModelLocation) -> Source:
     raise PermanentFailure(f"{location.uri}: {location.scheme}:// models are not downloaded (they are mounted)")
 
 
-def fetch(uri: str, destination: str, timeout_s: float) -> FetchReport:
-    """Download the model ``uri`` names into ``destination`` (created); DownloadFailed with the reason."""
+def fetch(uri: str, destination: str, timeout_s: float, cache: str | None = None) -> FetchReport:
+    """Download the model ``uri`` names into ``destination`` (created); DownloadFailed with the reason.
+
+    With ``cache`` (a shared volume), the download is kept there under the URI and the version of what
+    it names, and ``destination`` links to it: the next pod with the same model and version downloads
+    nothing.
+    """
     location = parse_model_uri(uri)
     os.makedirs(destination, exist_ok=True)
     deadline = time.monotonic() + timeout_s
+    if cache is not None:
+        return fetch_through_cache(location, destination, cache, deadline)
     if location.scheme == "hf":
         return download_hf(location, destination)
     return download(source_for(location), destination, deadline)
+
+
+def cache_entry_name(uri: str, version: str) -> str:
+    """``<sha256(uri)[:16]>-<sha256(version)[:16]>``: the URI as KServe's LocalModelCache keys it, plus
+    the version, so a replaced object is downloaded again rather than served stale."""
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return f"{digest(uri)}-{digest(version)}"
+
+
+def objects_version(objects: list[RemoteObject]) -> str:
+    """What identifies this content: every object's name, size and ETag."""
+    return "\n".join(f"{obj.name} {obj.size} {obj.etag}" for obj in sorted(objects, key=lambda o: o.name))
+
+
+def hf_commit(location: ModelLocation) -> str:
+    """The commit a Hugging Face revision (branch, tag or sha) points at now."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        sha = HfApi().model_info(location.container, revision=location.revision).sha
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise PermanentFailure(f"{location.uri}: {_first_line(str(error))}") from error
+    except HfHubHTTPError as error:
+        raise DownloadFailed(f"{location.uri}: {_first_line(str(error))}") from error
+    if not sha:
+        raise DownloadFailed(f"{location.uri}: the Hub did not say which commit the revision is")
+    return sha
+
+
+def fetch_through_cache(location: ModelLocation, destination: str, cache: str, deadline: float) -> FetchReport:
+    """The model from ``cache`` when this version is there, else downloaded into it; linked into
+    ``destination`` either way. A download goes to a private temporary directory renamed into place
+    once complete, so pods that start together never see each other's partial files (both download;
+    the first rename wins)."""
+    started = time.monotonic()
+    objects: list[RemoteObject] | None = None
+    if location.scheme == "hf":
+        version = hf_commit(location)
+    else:
+        source = source_for(location)
+        objects = _retrying(source.describe(), source.objects, deadline)
+        version = objects_version(objects)
+    entry = os.path.join(cache, cache_entry_name(location.uri, version))
+    cached = os.path.isdir(entry)
+    if cached:
+        report = FetchReport(files=_files_under(entry), cached=True)
+        report.bytes = sum(os.path.getsize(os.path.join(entry, name)) for name in report.files)
+    else:
+        os.makedirs(cache, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=cache)
+        try:
+            if location.scheme == "hf":
+                pinned = ModelLocation(location.uri, location.scheme, location.container, "", version)
+                report = download_hf(pinned, scratch)
+            else:
+                report = download(source_for(location), scratch, deadline, objects=objects)
+            try:
+                os.rename(scratch, entry)
+            except OSError:  # another pod finished the same version first: keep theirs
+                if not os.path.isdir(entry):
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    for name in os.listdir(entry):
+        link = os.path.join(destination, name)
+        if os.path.isdir(link) and not os.path.islink(link):
+            shutil.rmtree(link)
+        elif os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(os.path.join(entry, name), link)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _files_under(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(directory, name), root)
+                  for directory, _, files in os.walk(root) for name in files)
 
 
 def watchdog(timeout_s: float, on_expiry: Callable[[], None]) -> threading.Timer:

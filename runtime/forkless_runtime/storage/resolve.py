@@ -22,7 +22,7 @@ def _is_model_file(name: str) -> bool:
 
 def _listing(root: str) -> list[str]:
     found: list[str] = []
-    for directory, subdirectories, files in os.walk(root):
+    for directory, subdirectories, files in os.walk(root, followlinks=True):  # a cache links its entries
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
         found += [os.path.relpath(os.path.join(directory, f), root) for f in sorted(files) if not f.startswith(".")]
     return found
