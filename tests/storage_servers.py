@@ -39,6 +39,20 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
 """
 
 
+def serve_in_thread(handler: type[http.server.BaseHTTPRequestHandler], bind: str) -> http.server.ThreadingHTTPServer:
+    """A threading HTTP server on ``bind`` and a free port, serving from a daemon thread."""
+    server = http.server.ThreadingHTTPServer((bind, 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_server(server: http.server.ThreadingHTTPServer | None) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -190,14 +204,11 @@ class FakeHub:
                                                    "Content-Type": "application/octet-stream"})
                 self._reply(404, b"no such route")
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_in_thread(Handler, "127.0.0.1")
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        stop_server(self.server)
 
 
 def run_fetch(uri: str, destination: Path, env: Mapping[str, str], timeout_s: float = 60,
@@ -244,12 +255,8 @@ class StalledServer:
                 except OSError:
                     pass  # the client gave up, as it should
 
-        self.server = http.server.ThreadingHTTPServer((bind or self.host, 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_in_thread(Handler, bind or self.host)
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        stop_server(self.server)

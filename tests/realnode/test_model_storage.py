@@ -19,13 +19,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import CHART, REPO, Helm, Kube, RealNode, wait_for
+from tests.conftest import REPO, Helm, Kube, RealNode, wait_for
+from tests.realnode.conftest import install_operator
 from tests.storage_servers import MotoS3, StalledServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ISVC = "inferenceservices.serving.forkless.dev"
-LOCAL_VALUES = REPO / "hack" / "local-values.yaml"
 KSERVE_SAMPLE = REPO / "examples" / "kserve" / "s3-secret.yaml"
 READY_TIMEOUT_S = 300
 
@@ -66,11 +66,7 @@ def bucket(kube: Kube, real_node: RealNode, helm: Helm, tmp_path_factory: pytest
     kube.kubectl("create", "namespace", namespace)
     kube.kubectl("label", "namespace", namespace, "forkless.test/scratch=true")
     try:
-        kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests",
-                     "-f", str(REPO / "crds"))
-        helm("install", release, str(CHART), "--namespace", namespace, "-f", str(LOCAL_VALUES), "--skip-crds",
-             "--set", f"watchNamespaces={{{namespace}}}", "--wait", "--timeout", "180s",
-             kubeconfig=kube.kubeconfig, timeout=200)
+        install_operator(kube, helm, namespace, release)
         endpoint = f"{s3.host}:{s3.port}"
         kube.apply(*kserve_secret("mysecret", endpoint, s3.access_key_id, s3.secret_access_key),
                    *kserve_secret("wrongsecret", endpoint, s3.access_key_id, "not-the-secret"), namespace=namespace)

@@ -27,7 +27,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import CHART, REPO, Helm, Kube, RealNode, wait_for
+from tests.conftest import REPO, Helm, Kube, RealNode, wait_for
+from tests.realnode.conftest import LOCAL_VALUES, install_operator
 
 # The first test also waits for the module's set-up: images imported into the node (about two
 # minutes for the runtime image's 5 GB), the chart installed, the InferenceService Ready.
@@ -37,7 +38,6 @@ ISVC = "inferenceservices.serving.forkless.dev"
 NAME = "mlp"
 CLAIM = "models"
 READY_TIMEOUT_S = 240
-LOCAL_VALUES = REPO / "hack" / "local-values.yaml"
 
 
 def images_sh(*args: str) -> str:
@@ -83,12 +83,7 @@ def deployed(kube: Kube, real_node: RealNode, helm: Helm, tmp_path_factory: pyte
     models.chmod(0o755)
     pv = f"{CLAIM}-{namespace}"
     try:
-        # The CRD as this checkout generates it (other modules' tests may have applied an older one).
-        kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests",
-                     "-f", str(REPO / "crds"))
-        helm("install", release, str(CHART), "--namespace", namespace, "-f", str(LOCAL_VALUES), "--skip-crds",
-             "--set", f"watchNamespaces={{{namespace}}}", "--wait", "--timeout", "180s",
-             kubeconfig=kube.kubeconfig, timeout=200)
+        install_operator(kube, helm, namespace, release)
         kube.apply(
             {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
              "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
