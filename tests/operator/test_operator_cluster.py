@@ -389,3 +389,32 @@ def test_delete_cleans_up_children(kube: Kube, namespace: str, running: Operator
     # Owner references alone clean up; the garbage collector may take up to 30 s to learn a new CRD.
     wait_for(lambda: children(kube, namespace, f"{CHILD_KINDS},replicasets,pods") == [], 60,
              "every child garbage-collected")
+
+
+def test_kserves_s3_credentials_reach_the_download_and_a_missing_secret_is_named(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    """KServe's sample Secret and ServiceAccount, applied verbatim, feed the init container; a
+    ServiceAccount whose Secret does not exist yet is StorageSecretNotFound until it appears."""
+    kube.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "kserve" / "s3-secret.yaml"))
+    body = {"apiVersion": "serving.forkless.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "from-s3"},
+            "spec": {"model": {"uri": "s3://models/mlp/"}, "serviceAccountName": "sa"}}
+    kube.apply(body, namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "from-s3"), 60, "from-s3 Ready")
+    (init,) = deployment(kube, namespace, "from-s3")["spec"]["template"]["spec"]["initContainers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in init["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "mysecret", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["AWS_ENDPOINT_URL"] == "https://s3.amazonaws.com" and env["AWS_DEFAULT_REGION"] == "us-east-2"
+
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "later"},
+                "secrets": [{"name": "not-yet"}]}, namespace=namespace)
+    kube.apply({**body, "metadata": {"name": "waiting"}, "spec": {**body["spec"], "serviceAccountName": "later"}},
+               namespace=namespace)
+    condition = wait_for(lambda: (c := ready(kube, namespace, "waiting")) and c["reason"] == "StorageSecretNotFound"
+                         and c, 60, "waiting StorageSecretNotFound")
+    assert condition["status"] == "False"
+    assert 'secret "not-yet" (listed by serviceaccount "later") must exist in namespace' in condition["message"]
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "not-yet"},
+                "stringData": {"HF_TOKEN": "hf_x"}}, namespace=namespace)
+    wait_for(lambda: settled(kube, namespace, "waiting"), 90, "waiting Ready once its Secret exists")

@@ -79,13 +79,13 @@ def bucket(kube: Kube, real_node: RealNode, helm: Helm, tmp_path_factory: pytest
 
 
 def apply_isvc(kube: Kube, namespace: str, name: str, model: dict[str, Any], account: str = "mysecret-sa",
-               runtime: dict[str, Any] | None = None) -> float:
+               runtime: dict[str, Any] | None = None, memory: str = "1Gi") -> float:
     kube.apply({
         "apiVersion": "serving.forkless.dev/v1alpha1", "kind": "InferenceService",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"model": model, "serviceAccountName": account,
                  "runtime": {"workers": 1, "threadsPerWorker": 1, **(runtime or {})},
-                 "resources": {"cpu": "100m", "memory": "1Gi"}, "scheduling": RealNode.scheduling()},
+                 "resources": {"cpu": "100m", "memory": memory}, "scheduling": RealNode.scheduling()},
     })
     return time.monotonic()
 
@@ -207,6 +207,16 @@ def test_a_corrupt_model_file_shows_model_load_failed_with_the_loaders_message(k
     assert "the model cannot be loaded" in ready["message"], ready
     assert "/mnt/models/model.pt is not a TorchScript archive" in ready["message"], ready
     assert ready["modelStatus"]["transitionStatus"] == "BlockedByFailedLoad"
+
+
+def test_a_model_that_does_not_fit_its_memory_limit_shows_model_out_of_memory(kube: Kube, bucket: Bucket) -> None:
+    """The kernel's OOM killer, for real: 200Mi cannot hold a worker that imports torch."""
+    bucket.s3.put("mlp/1/model.pt", bucket.models / "mlp.pt")
+    apply_isvc(kube, bucket.namespace, "too-small", {"uri": "s3://models/mlp/1/model.pt"},
+               runtime={"maxLoadAttempts": 1}, memory="200Mi")
+    ready = wait_reason(kube, bucket.namespace, "too-small", "ModelOutOfMemory")
+    assert "out of memory" in ready["message"] or "OOMKilled" in ready["message"], ready
+    assert ready["modelStatus"]["lastFailureInfo"]["reason"] == "ModelOutOfMemory"
 
 
 def test_a_stalled_download_ends_at_its_timeout(kube: Kube, real_node: RealNode, bucket: Bucket) -> None:

@@ -45,6 +45,20 @@ class CannotLoad:
         raise AssertionError("never reached")
 
 
+class KilledWhileLoading:
+    """Dies by SIGKILL in load(), as the kernel's OOM killer ends a process (a stand-in for it: the
+    real one is exercised on the real node, tests/realnode/test_model_storage.py)."""
+
+    def load(self) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        raise AssertionError("never reached")
+
+
 class TorchProbe:
     """Reports what the worker's environment looked like when torch was imported."""
 

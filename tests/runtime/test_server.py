@@ -259,6 +259,17 @@ def test_workers_get_their_thread_budget_and_no_gpu_before_torch_loads(serve):
     assert outputs == {"threads": [1], "omp": [1], "cuda_visible": [""]}
 
 
+def test_a_worker_killed_while_loading_is_reported_as_out_of_memory(serve):
+    from forkless_runtime.termination import load_failure_reason
+
+    server = serve("--model-name", "big", "--format", "python", "--handler", "handlers:KilledWhileLoading",
+                   "--max-load-attempts", "1", wait=False)
+    assert server.process.wait(timeout=90) == 1
+    line = next(line for line in server.log().splitlines() if "the model cannot be loaded" in line)
+    assert "killed (SIGKILL) while loading the model: most likely out of memory" in line
+    assert load_failure_reason(line) == "ModelOutOfMemory"
+
+
 def test_a_model_that_cannot_load_exits_non_zero_with_the_loaders_error(serve, models, tmp_path):
     server = serve("--model-name", "broken", "--format", "python", "--handler", "handlers:CannotLoad",
                    "--max-load-attempts", "2", wait=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -47,6 +48,16 @@ log = logging.getLogger("forkless.pool")
 RING_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF_S = 30.0
 BATCH_SECONDS_WEIGHT = 0.2  # of the newest batch in a worker's running average of its batch time
+
+
+def died_while_loading(exitcode: int | None) -> str:
+    """Why a worker vanished before it reported: a SIGKILL while loading is almost always the kernel's
+    OOM killer (the container's memory limit, or the node's), which says so nowhere else."""
+    if exitcode == -signal.SIGKILL:
+        return ("the worker process was killed (SIGKILL) while loading the model: most likely out of memory "
+                "(the container's memory limit or the node's); give it more memory or load a smaller model")
+    code = f" (exit code {exitcode})" if exitcode is not None else ""
+    return f"the worker process died while loading the model{code}; see its log above"
 
 
 class _Channel(asyncio.Protocol):
@@ -358,7 +369,7 @@ class WorkerPool:
             self.pump()
         if not was_ready and worker.last_error is None:  # died before it could even report
             worker.load_failures += 1
-            worker.last_error = "the worker process died while loading the model (see its log above)"
+            worker.last_error = died_while_loading(worker.process.exitcode if worker.process else None)
         if was_ready:
             worker.crashes += 1
             log.error("worker %d (pid %s) died%s; restarting", worker.slot, worker.pid,
