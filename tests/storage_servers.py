@@ -260,3 +260,37 @@ class StalledServer:
 
     def stop(self) -> None:
         stop_server(self.server)
+
+
+@dataclass
+class FakeGcs:
+    """fake-gcs-server (a GCS JSON and XML API server) on 127.0.0.1, seeded from a directory whose
+    subdirectories are buckets; clients find it through STORAGE_EMULATOR_HOST, as google-cloud-storage
+    users point at an emulator."""
+
+    seed: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeGcs:
+        binary = subprocess.run([str(REPO / "hack" / "storage-servers.sh"), "fake-gcs"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        self.port = self.port or free_port()
+        self.process = subprocess.Popen(
+            [binary, "-backend", "memory", "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-public-host", f"127.0.0.1:{self.port}", "-data", str(self.seed), "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_http(f"{self.endpoint}/storage/v1/b")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}

@@ -196,10 +196,12 @@ NEEDED = [
       for verb in ("get", "list", "watch", "create", "patch", "delete")],
     ("get", "pods"), ("list", "pods"), ("watch", "pods"),
     ("get", "persistentvolumeclaims"),
+    # Download credentials as KServe keeps them: by name only (rbac.readStorageCredentials).
+    ("get", "serviceaccounts"), ("get", "secrets"),
     ("create", "events"), ("patch", "events"),
 ]
 FORBIDDEN = [
-    ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"),
+    ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"), ("list", "serviceaccounts"),
     ("create", "pods"), ("delete", "pods"), ("create", "pods", "exec"),
     ("delete", "deployments.apps"), ("delete", ISVC), ("update", ISVC), ("create", ISVC),
     ("update", "configmaps"), ("list", "configmaps"),

@@ -20,7 +20,7 @@ from forkless_runtime.storage.uris import InvalidModelUri, parse_model_uri, uri_
 from forkless_runtime.termination import load_failure_reason, report_termination, termination_message
 
 from tests.runtime.conftest import v2_body
-from tests.storage_servers import FakeHub, MotoS3, StalledServer, run_fetch
+from tests.storage_servers import FakeGcs, FakeHub, MotoS3, StalledServer, run_fetch
 
 # --- URIs -----------------------------------------------------------------------------------------
 
@@ -246,6 +246,34 @@ def test_a_stalled_download_ends_at_its_timeout(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"ModelDownloadFailed: {stalled.url}: the download did not finish within 1s" in result.stderr
     assert not (tmp_path / "dest" / "model.pt").exists()  # never a partial file under the final name
+
+
+# --- GCS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcs]:
+    seed = tmp_path_factory.mktemp("gcs-seed")
+    for name, data in {"models/cnn/config.pbtxt": b"name: 'cnn'", "models/cnn/1/model.pt": os.urandom(2 << 20),
+                       "models/mlp.onnx": os.urandom(1 << 20)}.items():
+        (seed / name).parent.mkdir(parents=True, exist_ok=True)
+        (seed / name).write_bytes(data)
+    server = FakeGcs(seed).start()
+    yield server
+    server.stop()
+
+
+def test_fetch_downloads_a_gcs_object_and_a_prefix(gcs: FakeGcs, tmp_path: Path) -> None:
+    single = run_fetch("gs://models/mlp.onnx", tmp_path / "single", gcs.env())
+    assert single.returncode == 0, single.stderr
+    assert (tmp_path / "single" / "mlp.onnx").read_bytes() == (gcs.seed / "models" / "mlp.onnx").read_bytes()
+    tree = run_fetch("gs://models/cnn", tmp_path / "tree", gcs.env())
+    assert tree.returncode == 0, tree.stderr
+    assert (tmp_path / "tree" / "1" / "model.pt").read_bytes() == (gcs.seed / "models" / "cnn" / "1" / "model.pt").read_bytes()
+    assert resolve_model_file(str(tmp_path / "tree")).endswith("1/model.pt")
+    missing = run_fetch("gs://models/nothing/here.pt", tmp_path / "missing", gcs.env())
+    assert missing.returncode == 1
+    assert "ModelDownloadFailed: gs://models/nothing/here.pt: no object has this key and none is under it (404)" in missing.stderr
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------
