@@ -40,7 +40,7 @@ from forkless_operator.reconcile import (
 )
 from forkless_operator.settings import get_settings
 from forkless_operator.spec import API_VERSION, GROUP, InferenceServiceStatus
-from forkless_operator.status import APPLIED, READY, compute_status, invalid_spec_status
+from forkless_operator.status import APPLIED, compute_status, invalid_spec_status, new_problem
 from forkless_operator.status_cache import StatusCache
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -218,26 +218,16 @@ def reconcile(
 # --- children: drift repair and status ----------------------------------------------------------
 
 
-def _ready_reason(status: InferenceServiceStatus | Mapping[str, Any] | None) -> tuple[str, str] | None:
-    if isinstance(status, InferenceServiceStatus):
-        status = status.model_dump(by_alias=True)
-    for condition in (status or {}).get("conditions") or []:
-        if condition.get("type") == READY:
-            return str(condition.get("status")), str(condition.get("reason"))
-    return None
-
-
 def warn_on_transition(isvc: Mapping[str, Any], previous: InferenceServiceStatus | None,
                        status: Mapping[str, Any]) -> None:
-    """One Warning event when Ready turns False for a new reason: per transition, never per retry."""
-    now = _ready_reason(status)
-    if now is None or now[0] != "False" or now == _ready_reason(previous):
+    """One Warning event when Ready turns False for a new problem (status.new_problem)."""
+    problem = new_problem(previous, status)
+    if problem is None:
         return
-    message = next(c["message"] for c in status["conditions"] if c["type"] == READY)
     metadata = isvc.get("metadata") or {}
     reference: Any = {"apiVersion": API_VERSION, "kind": kinds.INFERENCE_SERVICE.kind,
-                 "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid")}}
-    kopf.warn(reference, reason=now[1], message=message)
+                      "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid")}}
+    kopf.warn(reference, reason=problem.reason, message=problem.message)
 
 
 def _owner(body: kopf.Body) -> str | None:

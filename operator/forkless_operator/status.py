@@ -34,6 +34,8 @@ from forkless_operator.spec import (
 
 READY = "Ready"
 RECONCILED = "Reconciled"
+# Ready=False reasons on the ordinary way to Ready: not problems, no Warning event.
+ON_THE_WAY_REASONS = ("Pending", "DeploymentMissing", "Progressing")
 
 # Container waiting reasons worth surfacing, in the order we report them.
 _WAITING_REASONS = (
@@ -308,6 +310,24 @@ def compute_status(
         conditions=[ready_condition, reconciled_condition],
     )
     return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def _ready(status: InferenceServiceStatus | Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if isinstance(status, InferenceServiceStatus):
+        status = status.model_dump(by_alias=True)
+    return next((c for c in (status or {}).get("conditions") or [] if c.get("type") == READY), None)
+
+
+def new_problem(previous: InferenceServiceStatus | Mapping[str, Any] | None,
+                status: Mapping[str, Any]) -> Observation | None:
+    """Ready's problem when it is new in ``status``: the one Warning event per transition, never one per
+    retry, and none on the ordinary way to Ready (a rollout in progress)."""
+    now, before = _ready(status), _ready(previous)
+    if now is None or now.get("status") != "False" or now.get("reason") in ON_THE_WAY_REASONS:
+        return None
+    if before is not None and (before.get("status"), before.get("reason")) == ("False", now.get("reason")):
+        return None
+    return Observation(False, str(now.get("reason")), str(now.get("message", "")))
 
 
 def invalid_spec_status(message: str, generation: int, previous: InferenceServiceStatus | None = None,

@@ -224,3 +224,19 @@ def test_a_retry_keeps_the_reason_and_a_recovered_container_keeps_only_the_last_
     assert status["modelStatus"]["states"]["targetModelState"] == "Loading"
     assert status["modelStatus"]["transitionStatus"] == "InProgress"
     assert status["modelStatus"]["lastFailureInfo"]["message"] == "bad file"
+
+
+def test_a_warning_is_due_once_per_new_problem_and_never_on_the_way_to_ready() -> None:
+    from forkless_operator.status import new_problem
+
+    progressing = compute_status(isvc(), deployment(available=0, ready=0), [], 3, reconciled=APPLIED,
+                                 settings=SETTINGS, now=T0)
+    assert new_problem(None, progressing) is None
+    failing = compute_status(isvc(), deployment(available=0, ready=0),
+                             [crashed_pod("download-model", "ModelDownloadFailed: 403", init=True)], 3,
+                             reconciled=APPLIED, settings=SETTINGS, now=T0)
+    problem = new_problem(InferenceServiceStatus.model_validate(progressing), failing)
+    assert problem is not None and problem.reason == "ModelDownloadFailed"
+    assert new_problem(InferenceServiceStatus.model_validate(failing), failing) is None  # the kubelet's retry
+    ready = compute_status(isvc(), deployment(), [], 3, reconciled=APPLIED, settings=SETTINGS, now=T0)
+    assert new_problem(InferenceServiceStatus.model_validate(failing), ready) is None
