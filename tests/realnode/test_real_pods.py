@@ -171,7 +171,12 @@ def test_pods_start_from_the_built_image_and_answer_correctly_through_the_servic
     rows = [[0.1 * i + j for i in range(16)] for j in range(3)]
     expected = torch.jit.load(str(deployed.models / "mlp.pt"))(torch.tensor(rows)).tolist()
     before = {pod["metadata"]["name"]: served(pod) for pod in pods}
-    for _ in range(12):  # a new connection each: kube-proxy spreads them over both pods
+    # A new connection each: kube-proxy spreads them over both pods. Ready can come a moment
+    # before kube-proxy has programmed the second endpoint, so go on (a bounded number of
+    # requests) until both have answered, every answer checked.
+    for attempt in range(60):
+        if attempt >= 12 and all(served(pod) > before[pod["metadata"]["name"]] for pod in pods):
+            break
         with httpx.Client() as client:
             response = infer(client, deployed.url, rows)
             assert response.status_code == 200, response.text
