@@ -54,6 +54,10 @@ class WorkerSpec:
     ring_size: int
     log_format: str = "text"
     log_level: str = "info"
+    precision: str = "fp32"
+    input_shapes: str | None = None  # per-sample shapes, "3x64x64,10"; for the warm-up of formats that declare none
+    max_batch_size: int = 1
+    workers_on_gpu: int = 1  # workers sharing this worker's GPU: each gets an equal share unless capped
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +90,8 @@ def stop_message() -> bytes:
     return encode_frame({"t": STOP})
 
 
-def ready_message(meta: dict[str, Any], pid: int, gpu_mem: int | None) -> bytes:
-    return encode_frame({"t": READY, "meta": meta, "pid": pid, "gpu_mem": gpu_mem})
+def ready_message(meta: dict[str, Any], pid: int, gpu_mem: int | None, peak_mem: int | None = None) -> bytes:
+    return encode_frame({"t": READY, "meta": meta, "pid": pid, "gpu_mem": gpu_mem, "peak_mem": peak_mem})
 
 
 def load_error_message(error: str) -> bytes:

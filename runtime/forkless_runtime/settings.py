@@ -31,6 +31,7 @@ START_METHODS = ("spawn", "forkserver")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # package.module:ClassName, ASCII identifiers; the CRD validates handler strings with this pattern too.
 HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -48,6 +49,8 @@ class Settings:
     device: str = "auto"
     threads_per_worker: int | None = None
     gpu_memory_fraction: float | None = None
+    precision: str = "fp32"
+    input_shapes: str | None = None
     max_batch_size: int = 32
     max_batch_delay_ms: float = 5.0
     max_queue: int = 1024
@@ -131,6 +134,31 @@ def _handler(text: str) -> str:
     return text
 
 
+def parse_input_shapes(text: str) -> list[list[int]]:
+    """``3x64x64,10`` -> [[3, 64, 64], [10]]: per-sample shapes, one per input, the batch left out."""
+    shapes: list[list[int]] = []
+    for part in text.split(","):
+        try:
+            dims = [int(d) for d in part.strip().lower().split("x")]
+        except ValueError:
+            dims = []
+        if not dims or any(d < 1 for d in dims):
+            raise ValueError(f"input shape {part.strip()!r} must be positive sizes joined by x, e.g. 3x64x64")
+        shapes.append(dims)
+    return shapes
+
+
+def format_input_shapes(shapes: list[list[int]]) -> str:
+    return ",".join("x".join(str(d) for d in dims) for dims in shapes)
+
+
+def _input_shapes(text: str) -> str:
+    try:
+        return format_input_shapes(parse_input_shapes(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -163,6 +191,12 @@ FLAGS: tuple[Flag, ...] = (
     _choices("device", DEVICES, "auto picks cuda when a GPU is visible"),
     Flag("threads_per_worker", _positive_int, "torch/OpenMP/MKL threads per worker (default: usable CPUs / workers)"),
     Flag("gpu_memory_fraction", _fraction, "cap each worker's share of its GPU's memory, 0 < F <= 1"),
+    _choices("precision", PRECISIONS,
+             "serve in fp32, fp16 (GPU only), bf16 (GPU, or a CPU with avx512_bf16/AMX) or int8 (dynamic "
+             "quantization on CPU, TorchScript and ONNX); clients keep their own datatypes"),
+    Flag("input_shapes", _input_shapes,
+         "each input's shape for one sample, e.g. 3x64x64, or 3x64x64,10 for two inputs: TorchScript "
+         "records none, and the warm-up and `plan` need them (other formats declare their own)"),
     Flag("max_batch_size", _positive_int, "largest batch the dynamic batcher forms (1 turns batching off)"),
     Flag("max_batch_delay_ms", _non_negative_float, "longest a request waits for a batch to fill while workers are busy"),
     Flag("max_queue", _positive_int, "queued requests beyond which new ones get 503 + Retry-After"),

@@ -18,7 +18,7 @@ import orjson
 from .. import __version__
 from ..batching.batcher import Batcher, Request
 from ..errors import Draining, NotReady, RequestTimeout, ServingError
-from ..pool.supervisor import WorkerPool
+from ..pool.supervisor import ModelSettingsRefused, WorkerPool
 from ..protocol import v1, v2
 from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import Settings
@@ -101,6 +101,8 @@ class App:
                     await self.pool.start()
                 except Exception as exc:
                     log.error("cannot start the workers: %s", exc)
+                    if isinstance(exc, ModelSettingsRefused):
+                        self.fatal_error = str(exc)  # reported as ModelLoadFailed on exit
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
@@ -140,7 +142,7 @@ class App:
             return await respond(send, 200, b'{"live":true}')
         if path == "/metrics":
             workers = [(w.slot, w.pid, w.ready) for w in self.pool.workers]
-            body = self.metrics.render(len(self.batcher), workers, self.pool.gpu_memory())
+            body = self.metrics.render(len(self.batcher), workers, self.pool.gpu_memory(), self.pool.peak_memory())
             return await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
         if path == "/openapi.json":
             return await respond(send, 200, orjson.dumps(openapi.document(self.model_name, self.pool.metadata)))
@@ -177,7 +179,8 @@ class App:
             "inputs": meta.get("inputs", []),
             "outputs": meta.get("outputs", []),
             "parameters": {"batchable": bool(meta.get("batchable")), "max_batch_size": self.settings.max_batch_size,
-                           "workers": len(self.pool.workers), "notes": meta.get("notes", [])},
+                           "workers": len(self.pool.workers), "precision": meta.get("precision", self.settings.precision),
+                           "warm_up": meta.get("warm_up", {}), "notes": meta.get("notes", [])},
         }
 
     # --- inference --------------------------------------------------------------------------

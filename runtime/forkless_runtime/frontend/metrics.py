@@ -52,7 +52,8 @@ class Metrics:
         self.worker_restarts = 0
         self.retried_requests = 0
 
-    def render(self, queue_depth: int, workers: list[tuple[int, int | None, bool]], gpu_memory: dict[int, int]) -> bytes:
+    def render(self, queue_depth: int, workers: list[tuple[int, int | None, bool]], gpu_memory: dict[int, int],
+               peak_memory: dict[int, int] | None = None) -> bytes:
         """`workers` is (slot, pid, ready) per worker slot."""
         workers_ready = sum(1 for _, _, ready in workers if ready)
         labels = self._labels
@@ -95,4 +96,11 @@ class Metrics:
                 "# TYPE forkless_worker_gpu_memory_bytes gauge",
             ]
             lines += [f'forkless_worker_gpu_memory_bytes{{{labels},worker="{w}"}} {b}' for w, b in sorted(gpu_memory.items())]
+        if peak_memory:
+            lines += [
+                "# HELP forkless_worker_peak_memory_bytes Each worker's memory peak in its warm-up batch at the largest "
+                "batch size (GPU: allocator peak reserved plus the CUDA context; CPU: peak resident set).",
+                "# TYPE forkless_worker_peak_memory_bytes gauge",
+            ]
+            lines += [f'forkless_worker_peak_memory_bytes{{{labels},worker="{w}"}} {b}' for w, b in sorted(peak_memory.items())]
         return ("\n".join(lines) + "\n").encode()

@@ -37,6 +37,7 @@ from ..channel import (
     worker_entry,
 )
 from ..errors import ModelError, WorkerDied
+from ..precision import precision_problem
 from ..protocol.tensors import NamedTensor
 from ..settings import Settings
 from . import dispatch
@@ -125,6 +126,7 @@ class Worker:
         self.crashes = 0
         self.last_error: str | None = None
         self.gpu_memory: int | None = None
+        self.peak_memory: int | None = None  # measured by the worker's warm-up at the largest batch
         self.pid: int | None = None
 
     # The load dispatch.choose reads.
@@ -139,6 +141,11 @@ class Worker:
     def record_batch_time(self, seconds: float) -> None:
         previous = self.batch_seconds
         self.batch_seconds = seconds if previous is None else previous + BATCH_SECONDS_WEIGHT * (seconds - previous)
+
+
+class ModelSettingsRefused(RuntimeError):
+    """The settings cannot serve this model on this machine (e.g. fp16 without a GPU): no worker starts,
+    and the server exits with the reason as a load failure instead of retrying what cannot work."""
 
 
 class WorkerPool:
@@ -163,6 +170,9 @@ class WorkerPool:
         if settings.device == "cuda" and not gpus:
             raise RuntimeError("--device cuda was given but no GPU is visible (CUDA_VISIBLE_DEVICES, /proc/driver/nvidia)")
         device = "cuda" if gpus else "cpu"
+        problem = precision_problem(settings.precision, device, settings.resolved_format)
+        if problem:
+            raise ModelSettingsRefused(problem)
         count = settings.workers or max(1, len(gpus))
         threads = settings.threads_per_worker or default_threads(count)
         specs = []
@@ -174,12 +184,16 @@ class WorkerPool:
                 handler=settings.handler,
                 device=device,
                 gpu=gpus[slot % len(gpus)] if gpus else None,
+                workers_on_gpu=len(range(slot % len(gpus), count, len(gpus))) if gpus else 1,
                 threads=threads,
                 gpu_memory_fraction=settings.gpu_memory_fraction if gpus else None,
                 ring_name=None,
                 ring_size=RING_BYTES,
                 log_format=settings.log_format,
                 log_level=settings.log_level,
+                precision=settings.precision,
+                input_shapes=settings.input_shapes,
+                max_batch_size=settings.max_batch_size,
             ))
         return specs
 
@@ -300,6 +314,7 @@ class WorkerPool:
             worker.load_failures = 0
             worker.last_error = None
             worker.gpu_memory = header.get("gpu_mem")
+            worker.peak_memory = header.get("peak_mem")
             if self.metadata is None:
                 self.metadata = header["meta"]
             log.info("worker %d ready (pid %s)", worker.slot, header.get("pid"))
@@ -407,6 +422,9 @@ class WorkerPool:
 
     def gpu_memory(self) -> dict[int, int]:
         return {w.slot: w.gpu_memory for w in self.workers if w.gpu_memory is not None}
+
+    def peak_memory(self) -> dict[int, int]:
+        return {w.slot: w.peak_memory for w in self.workers if w.peak_memory is not None}
 
     async def stop(self) -> None:
         """Stop every worker: ask politely, then kill; leave no process and no shared memory behind."""

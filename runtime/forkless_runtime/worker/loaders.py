@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ..precision import precision_problem
 from ..protocol.tensors import DTYPE_TO_DATATYPE, NamedTensor
 from ..settings import HANDLER_PATTERN
+from . import precision as precision_
 
 HANDLER_RE = re.compile(HANDLER_PATTERN)
 
@@ -44,10 +46,14 @@ class LoadedModel:
     outputs: list[TensorSpec] = field(default_factory=list)
     batchable: bool = True
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    warm_up: dict[str, Any] = field(default_factory=dict)  # what the warm-up measured, or why it did not run
 
     def metadata(self) -> dict[str, Any]:
         return {
             "platform": self.platform,
+            "precision": self.precision,
+            "warm_up": self.warm_up,
             "inputs": [t.as_dict() for t in self.inputs],
             "outputs": [t.as_dict() for t in self.outputs],
             "batchable": self.batchable,
@@ -155,7 +161,7 @@ def no_arbitrary_unpickling() -> Iterator[None]:
         pickle.load, pickle.loads = saved
 
 
-def load_torchscript(path: str, device: str) -> LoadedModel:
+def load_torchscript(path: str, device: str, precision: str = "fp32") -> LoadedModel:
     import torch
 
     refuse_pickled_checkpoint(path, "TorchScript")
@@ -163,10 +169,16 @@ def load_torchscript(path: str, device: str) -> LoadedModel:
     module.eval()
     arguments = [arg.name for arg in module.forward.schema.arguments[1:]]
     inputs = [TensorSpec(name, "", [-1]) for name in arguments]
-    return LoadedModel("pytorch_torchscript", _torch_predict(module, inputs, device), inputs, [TensorSpec("output-0", "", [-1])])
+    notes: list[str] = []
+    if precision == "int8":
+        module, note = precision_.quantize_torchscript(module)
+        notes.append(note)
+    model = LoadedModel("pytorch_torchscript", _torch_predict(module, inputs, device, precision), inputs,
+                        [TensorSpec("output-0", "", [-1])], notes=notes, precision=precision)
+    return model
 
 
-def load_torch_export(path: str, device: str) -> LoadedModel:
+def load_torch_export(path: str, device: str, precision: str = "fp32") -> LoadedModel:
     import torch
 
     refuse_pickled_checkpoint(path, "torch.export")
@@ -194,7 +206,8 @@ def load_torch_export(path: str, device: str) -> LoadedModel:
         datatype = _torch_datatype(value.dtype) if value is not None else ""
         outputs.append(TensorSpec(f"output-{index}", datatype, shape))
     module = program.module().to(device)
-    model = LoadedModel("pytorch_export", _torch_predict(module, inputs, device), inputs, outputs, batchable)
+    model = LoadedModel("pytorch_export", _torch_predict(module, inputs, device, precision), inputs, outputs, batchable,
+                        precision=precision)
     if not batchable:
         model.notes.append(
             "exported with a fixed batch dimension: requests run one at a time "
@@ -203,14 +216,20 @@ def load_torch_export(path: str, device: str) -> LoadedModel:
     return model
 
 
-def _torch_predict(module: Any, inputs: list[TensorSpec], device: str) -> Callable[[list[NamedTensor]], list[NamedTensor]]:
+def _torch_predict(module: Any, inputs: list[TensorSpec], device: str,
+                   precision: str = "fp32") -> Callable[[list[NamedTensor]], list[NamedTensor]]:
     import torch
+
+    call = module
+    if precision in precision_.TORCH_DTYPES:
+        module = precision_.cast_torch_module(module, precision)
+        call = precision_.cast_calls(module, precision)
 
     def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
         ordered = arrange_inputs(tensors, inputs)
         with torch.inference_mode():
             args = [torch.from_numpy(t.array).to(device, non_blocking=True) for t in ordered]
-            result = module(*args)
+            result = call(*args)
         return name_outputs(result)
 
     return predict
@@ -224,9 +243,13 @@ _ORT_TYPES = {
 }
 
 
-def load_onnx(path: str, device: str, threads: int) -> LoadedModel:
+def load_onnx(path: str, device: str, threads: int, precision: str = "fp32") -> LoadedModel:
     import onnxruntime as ort
 
+    notes: list[str] = []
+    if precision == "int8":
+        path, note = precision_.quantize_onnx(path)
+        notes.append(note)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -249,7 +272,7 @@ def load_onnx(path: str, device: str, threads: int) -> LoadedModel:
         feed = {s.name: t.array for s, t in zip(inputs, ordered, strict=True)}
         return [NamedTensor(n, np.asarray(v)) for n, v in zip(output_names, session.run(output_names, feed), strict=True)]
 
-    model = LoadedModel("onnxruntime_onnx", predict, inputs, outputs, batchable)
+    model = LoadedModel("onnxruntime_onnx", predict, inputs, outputs, batchable, notes, precision)
     model.notes.append(f"onnxruntime providers: {', '.join(session.get_providers())}")
     return model
 
@@ -268,15 +291,23 @@ def import_handler(path: str) -> type:
     return handler
 
 
-def load_python(handler: str, model_path: str, device: str) -> LoadedModel:
-    """A user class with `load()` and `predict(inputs)`, sync or async; inputs is {name: ndarray}."""
+def load_python(handler: str, model_path: str, device: str, precision: str = "fp32") -> LoadedModel:
+    """A user class with `load()` and `predict(inputs)`, sync or async; inputs is {name: ndarray}.
+
+    Its constructor gets what it names of model_path, device and precision; a precision other than
+    fp32 needs a handler that takes it (only the handler knows how to cast its model)."""
     cls = import_handler(handler)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     init_params = inspect.signature(cls).parameters
     if "model_path" in init_params:
         kwargs["model_path"] = model_path
     if "device" in init_params:
         kwargs["device"] = device
+    if "precision" in init_params:
+        kwargs["precision"] = precision
+    elif precision != "fp32":
+        raise ValueError(f"precision {precision}: the handler {handler} takes no precision argument, so it cannot "
+                         "apply it; add a `precision` parameter to its __init__ and cast its model in load()")
     instance = cls(**kwargs)
     loop = asyncio.new_event_loop()
 
@@ -295,18 +326,23 @@ def load_python(handler: str, model_path: str, device: str) -> LoadedModel:
         result = call(instance.predict, {n: t.array for n, t in zip(names, ordered, strict=True)})
         return name_outputs(result, declared_out)
 
-    return LoadedModel("python", predict, declared_in, declared_out, bool(getattr(cls, "batchable", True)))
+    return LoadedModel("python", predict, declared_in, declared_out, bool(getattr(cls, "batchable", True)),
+                       precision=precision)
 
 
-def load_model(fmt: str, model_path: str, handler: str | None, device: str, threads: int) -> LoadedModel:
+def load_model(fmt: str, model_path: str, handler: str | None, device: str, threads: int,
+               precision: str = "fp32") -> LoadedModel:
+    problem = precision_problem(precision, device, fmt)
+    if problem:
+        raise ValueError(problem)
     if fmt == "torchscript":
-        return load_torchscript(model_path, device)
+        return load_torchscript(model_path, device, precision)
     if fmt == "torch-export":
-        return load_torch_export(model_path, device)
+        return load_torch_export(model_path, device, precision)
     if fmt == "onnx":
-        return load_onnx(model_path, device, threads)
+        return load_onnx(model_path, device, threads, precision)
     if fmt == "python":
         if not handler:
             raise ValueError("format 'python' needs a handler (module:Class)")
-        return load_python(handler, model_path, device)
+        return load_python(handler, model_path, device, precision)
     raise ValueError(f"unknown model format {fmt!r}")

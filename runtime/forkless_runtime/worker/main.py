@@ -102,14 +102,25 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
         started = time.perf_counter()
         prepare_torch(spec)
         from .loaders import load_model
+        from .warmup import warm_up
 
-        model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads)
+        model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads, spec.precision)
         ring = map_ring(spec.ring_name, spec.ring_size) if spec.ring_name else None
-        log.info("loaded %s (%s) on %s%s with %d thread(s) in %.2fs", spec.model_path or spec.handler, spec.format,
-                 spec.device, f" (GPU {spec.gpu})" if spec.gpu is not None else "", spec.threads,
-                 time.perf_counter() - started)
+        log.info("loaded %s (%s, %s) on %s%s with %d thread(s) in %.2fs", spec.model_path or spec.handler,
+                 spec.format, spec.precision, spec.device, f" (GPU {spec.gpu})" if spec.gpu is not None else "",
+                 spec.threads, time.perf_counter() - started)
         for note in model.notes:
             log.info("%s", note)
+        measured = warm_up(model, spec.input_shapes, spec.max_batch_size, spec.device, spec.gpu_memory_fraction,
+                           spec.workers_on_gpu)
+        if isinstance(measured, str):
+            log.warning("no warm-up: %s", measured)
+            model.warm_up = {"skipped": measured}
+        else:
+            log.info("warm-up: a batch of %d in %.3fs, peak memory %.1f MiB (%.1f MiB of activations) on %s",
+                     measured.batch, measured.seconds, measured.peak_bytes / 2**20,
+                     measured.activation_bytes / 2**20, measured.device)
+            model.warm_up = measured.as_dict()
     except BaseException as exc:  # report every load failure to the front-end, then exit non-zero
         message = f"{type(exc).__name__}: {exc}"
         log.error("model failed to load: %s", message)
@@ -117,7 +128,8 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
             conn.send_bytes(load_error_message(message))
         sys.exit(1)
 
-    conn.send_bytes(ready_message(model.metadata(), os.getpid(), gpu_memory_bytes(spec)))
+    peak = model.warm_up.get("peak_bytes")
+    conn.send_bytes(ready_message(model.metadata(), os.getpid(), gpu_memory_bytes(spec), peak))
     serve(conn, model.predict, ring, spec)
 
 
