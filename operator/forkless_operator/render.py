@@ -14,7 +14,14 @@ import posixpath
 from decimal import Decimal
 from typing import Any
 
-from forkless_runtime.settings import DEFAULTS, EXTENSION_FORMATS, FLAGS, env_name, env_value
+from forkless_runtime.settings import (
+    DEFAULTS,
+    EXTENSION_FORMATS,
+    FLAGS,
+    env_name,
+    env_value,
+    format_input_shapes,
+)
 from forkless_runtime.storage.uris import parse_model_uri
 from kubernetes.utils import parse_quantity
 
@@ -178,6 +185,8 @@ RUNTIME_SETTING_SOURCES: dict[str, str] = {
     "device": "operator: cuda when spec.resources.gpus > 0, else cpu",
     "threads_per_worker": "spec.runtime.threadsPerWorker",
     "gpu_memory_fraction": "spec.runtime.gpuMemoryFraction",
+    "precision": "spec.runtime.precision",
+    "input_shapes": "spec.model.inputShapes",
     "max_batch_size": "spec.runtime.batching.maxBatchSize (1, batching off, when spec.runtime.batching is omitted)",
     "max_batch_delay_ms": "spec.runtime.batching.maxDelayMs",
     "max_queue": "spec.runtime.maxQueue",
@@ -212,6 +221,8 @@ def runtime_settings(isvc: InferenceService, settings: Settings | None = None) -
         "device": "cuda" if spec.resources.gpus > 0 else "cpu",
         "threads_per_worker": runtime.threads_per_worker,
         "gpu_memory_fraction": runtime.gpu_memory_fraction,
+        "precision": runtime.precision,
+        "input_shapes": format_input_shapes(spec.model.input_shapes) if spec.model.input_shapes else None,
         "max_batch_size": batching.max_batch_size if batching else 1,
         "max_batch_delay_ms": batching.max_delay_ms if batching else None,
         "max_queue": runtime.max_queue,

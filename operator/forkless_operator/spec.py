@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from forkless_runtime.settings import DEFAULTS, FLAGS, HANDLER_PATTERN, env_name, env_value, flag_name
 from forkless_runtime.storage import uris
@@ -214,6 +214,16 @@ class ModelSpec(_Model):
         pattern=HANDLER_PATTERN,
         description="Import string module:Class of the handler the workers load; required for format python.",
     )
+    input_shapes: list[Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=8)]] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Each input's shape for one sample, the batch dimension left out, e.g. [[3, 224, 224]]. "
+            "TorchScript files record no shapes: with them each worker runs one warm-up batch at the largest "
+            "batch size and measures its memory before it reports ready (torch.export and ONNX models "
+            "declare their own). forkless-runtime --input-shapes."
+        ),
+    )
 
     model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE, CACHE_NEEDS_DOWNLOAD_RULE))
 
@@ -329,6 +339,15 @@ class RuntimeSpec(_Model):
         description=(
             "Share of one GPU's memory each worker may allocate (0 < f <= 1), enforced in the worker. "
             "Workers sharing a GPU must fit: gpuMemoryFraction * ceil(workers / gpus) <= 1."
+        ),
+    )
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None,
+        description=(
+            "Numeric precision the workers serve in; clients keep sending and receiving their own datatypes. "
+            "fp16 and bf16 cast the model and its inputs (fp16 on GPUs only; bf16 on GPUs and on CPUs with "
+            "bf16 instructions, refused elsewhere); int8 is dynamic quantization on CPU for TorchScript and "
+            "ONNX models, verified to have changed the model. " + runtime_default("precision")
         ),
     )
     batching: Batching | None = Field(
@@ -567,6 +586,26 @@ GPU_FRACTION_FITS_RULE = Rule(
 )
 
 
+FP16_NEEDS_GPUS_RULE = Rule(
+    rule="!has(self.runtime.precision) || self.runtime.precision != 'fp16' || self.resources.gpus > 0",
+    message="runtime.precision fp16 requires resources.gpus: on a CPU fp16 runs about 2x slower than fp32; use bf16 or int8",
+    holds=lambda s: s.runtime.precision != "fp16" or s.resources.gpus > 0,
+)
+INT8_ON_CPU_RULE = Rule(
+    rule="!has(self.runtime.precision) || self.runtime.precision != 'int8' || self.resources.gpus == 0",
+    message="runtime.precision int8 is dynamic quantization, which runs on CPUs only: use fp16 or bf16 with resources.gpus",
+    holds=lambda s: s.runtime.precision != "int8" or s.resources.gpus == 0,
+)
+INT8_NOT_EXPORTED_RULE = Rule(
+    rule=(
+        "!has(self.runtime.precision) || self.runtime.precision != 'int8' || "
+        "((!has(self.model.format) || self.model.format != 'torch-export') && !self.model.uri.endsWith('.pt2'))"
+    ),
+    message="runtime.precision int8 cannot quantize a torch.export program: quantize before export (torchao pt2e) and serve the result",
+    holds=lambda s: s.runtime.precision != "int8" or (s.model.format != "torch-export" and not s.model.uri.endswith(".pt2")),
+)
+
+
 class InferenceServiceSpec(_Model):
     """The desired state of one served model."""
 
@@ -601,6 +640,9 @@ class InferenceServiceSpec(_Model):
             AUTOSCALING_NEEDS_CPU_RULE,
             GPU_FRACTION_NEEDS_GPUS_RULE,
             GPU_FRACTION_FITS_RULE,
+            FP16_NEEDS_GPUS_RULE,
+            INT8_ON_CPU_RULE,
+            INT8_NOT_EXPORTED_RULE,
         )
     )
 
@@ -611,6 +653,9 @@ class InferenceServiceSpec(_Model):
             AUTOSCALING_NEEDS_CPU_RULE,
             GPU_FRACTION_NEEDS_GPUS_RULE,
             GPU_FRACTION_FITS_RULE,
+            FP16_NEEDS_GPUS_RULE,
+            INT8_ON_CPU_RULE,
+            INT8_NOT_EXPORTED_RULE,
         ):
             rule.check(self)
         return self

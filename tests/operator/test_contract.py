@@ -199,6 +199,15 @@ def test_every_spec_field_reaches_the_runtime_through_its_own_parser(spec: dict[
         assert got == want, f"{flag_name(field)}: spec {spec} gives the runtime {got!r}, not {want!r}"
 
 
+@given(st.lists(st.lists(st.integers(1, 1_000_000), min_size=1, max_size=8), min_size=1, max_size=16))
+@settings(max_examples=100, derandomize=True, deadline=None)
+def test_input_shapes_reach_the_runtime_as_the_shapes_it_parses(shapes: list[list[int]]) -> None:
+    from forkless_runtime.settings import parse_input_shapes
+
+    parsed = parse_with_runtime(runtime_env(isvc({"model": {"uri": "file:///m.pt", "inputShapes": shapes}}), SETTINGS))
+    assert parsed.input_shapes is not None and parse_input_shapes(parsed.input_shapes) == shapes
+
+
 def test_an_omitted_batching_block_means_batching_off_as_the_crd_says() -> None:
     assert "off" in schema_at(["runtime", "batching"])["description"]
     parsed = parse_with_runtime(runtime_env(isvc({"model": {"uri": "file:///m.pt"}}), SETTINGS))
@@ -214,7 +223,7 @@ DEFAULT_TEXT = re.compile(r"Default (\S+) \(forkless-runtime (--[a-z0-9-]+)\)\."
 # own identity, a schema default (startMethod), a computed default (workers, threads), none at all
 # (a GPU memory cap), or the operator's configuration (logFormat).
 NO_STATED_DEFAULT = {"model_name", "model_uri", "format", "handler", "workers", "start_method",
-                     "threads_per_worker", "gpu_memory_fraction", "log_format"}
+                     "threads_per_worker", "gpu_memory_fraction", "input_shapes", "log_format"}
 
 
 def test_defaults_stated_in_the_crd_are_the_runtimes_or_documented_as_the_operators() -> None:

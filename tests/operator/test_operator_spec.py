@@ -28,6 +28,9 @@ INVALID_EXAMPLES = {
     "memory-overcommit.yaml": spec.GPU_FRACTION_FITS_RULE.message,
     "python-without-handler.yaml": spec.PYTHON_HANDLER_RULE.message,
     "zero-workers.yaml": spec.WORKERS_RULE.message,
+    "fp16-on-cpu.yaml": spec.FP16_NEEDS_GPUS_RULE.message,
+    "int8-on-gpu.yaml": spec.INT8_ON_CPU_RULE.message,
+    "int8-torch-export.yaml": spec.INT8_NOT_EXPORTED_RULE.message,
 }
 
 
