@@ -8,7 +8,11 @@ import sys
 import time
 
 from .logs import configure_logging
-from .settings import FLAGS, Settings, add_flags, env_name, flag_name, settings_from_args
+from .settings import FLAGS, PRECISIONS, Settings, add_flags, env_name, flag_name, settings_from_args
+
+# The names `plan --gpu` takes (forkless_runtime.planning.GPUS holds their memory; kept here so that
+# the command line is built without importing torch).
+GPU_NAMES = ("h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "l4", "t4", "mig-1g.10gb", "mig-3g.40gb")
 
 # KServe's storage initializer has none and hangs on a stalled download (kserve#5611); 30 minutes
 # fits a 70B model at a modest 100 MiB/s and still ends.
@@ -38,7 +42,45 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache", metavar="DIR",
                        help="keep the download in DIR (a shared volume) under the URI and version, link it into "
                        "the destination, and download nothing when that version is already there")
+    plan = commands.add_parser(
+        "plan", help="how much memory one worker needs and how many fit on a GPU, computed on a CPU",
+        description="Counts the parameters and traces the forward on meta or fake tensors (nothing is allocated) at "
+        "batch 1 and at the largest batch; adds the CUDA context; says how many workers fit on the GPU named.",
+    )
+    plan.add_argument("--model-uri", required=True, help="the model file (a path or file:// URI)")
+    plan.add_argument("--format", choices=("torchscript", "torch-export", "onnx"),
+                      help="inferred from the extension when not given")
+    plan.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    plan.add_argument("--max-batch-size", type=int, default=32, help="the largest batch (default 32)")
+    plan.add_argument("--input-shapes", help="per-sample input shapes, e.g. 3x64x64 (TorchScript needs them)")
+    target = plan.add_mutually_exclusive_group()
+    target.add_argument("--gpu", choices=sorted(GPU_NAMES), help="a GPU by name")
+    target.add_argument("--gpu-memory", help="a GPU's total memory, e.g. 80GiB or 81559MiB")
+    plan.add_argument("--output", choices=("text", "json"), default="text")
     return parser
+
+
+def plan_model(args: argparse.Namespace) -> int:
+    """Print the plan, or the reason it cannot be made (exit 1)."""
+    import json
+    import os
+
+    from .settings import EXTENSION_FORMATS
+
+    path = args.model_uri.removeprefix("file://")
+    fmt = args.format or EXTENSION_FORMATS.get(os.path.splitext(path)[1].lower())
+    try:
+        if fmt is None:
+            raise ValueError(f"cannot infer the format of {path}: give --format")
+        from .planning import parse_memory, plan, render_text
+
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+        result = plan(path, fmt, args.precision, args.max_batch_size, args.input_shapes, args.gpu, memory)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"forkless-runtime plan: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.as_dict(), indent=2) if args.output == "json" else render_text(result))
+    return 0
 
 
 def fetch_model(uri: str, destination: str, timeout_s: float, cache: str | None = None) -> int:
@@ -111,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         for flag in FLAGS:
             print(f"{flag_name(flag.field):28} {env_name(flag.field):34} {flag.help}")
         return
+    if args.command == "plan":
+        sys.exit(plan_model(args))
     if args.command == "fetch":
         configure_logging("text", "info")
         sys.exit(fetch_model(args.uri, args.destination, args.timeout_s, args.cache))

@@ -24,6 +24,22 @@ def cpu_bf16_flags(cpuinfo: str) -> list[str]:
     return []
 
 
+def cpu_flags(cpuinfo: str) -> list[str] | None:
+    """The x86 `flags` of the first CPU; None elsewhere (Arm lists `Features`)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return value.split()
+    return None
+
+
+def int8_needs_reduced_range(cpuinfo: str) -> bool:
+    """An x86 CPU without VNNI multiplies u8 x s8 with 16-bit saturation: onnxruntime's int8 results
+    go wrong (measured: an error of 4.0 on outputs of 6.2) unless weights are quantized to 7 bits."""
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 def cpu_supports_bf16(path: Path = CPUINFO) -> bool:
     try:
         return bool(cpu_bf16_flags(path.read_text()))

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from forkless_runtime.precision import cpu_bf16_flags, cpu_supports_bf16, precision_problem
+from forkless_runtime.precision import (
+    cpu_bf16_flags,
+    cpu_supports_bf16,
+    int8_needs_reduced_range,
+    precision_problem,
+)
 
 from .conftest import CLI, v2_body
 
@@ -48,6 +53,12 @@ def test_bf16_support_is_read_from_the_cpu_flags() -> None:
     assert cpu_bf16_flags("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n") == ["avx512_bf16"]
     assert cpu_bf16_flags("flags\t\t: fpu sse avx2 avx512f avx512_vnni\n") == []
     assert cpu_bf16_flags("Features\t: fp asimd bf16 i8mm\n") == ["bf16"]
+
+
+def test_int8_weights_lose_a_bit_on_x86_cpus_without_vnni() -> None:
+    assert int8_needs_reduced_range("flags\t\t: fpu avx2 avx512f\n")
+    assert not int8_needs_reduced_range("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not int8_needs_reduced_range("Features\t: fp asimd dotprod\n")
 
 
 @pytest.mark.parametrize(("precision", "device", "fmt", "bf16_cpu", "reason"), [

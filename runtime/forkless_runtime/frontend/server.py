@@ -10,6 +10,7 @@ cannot load exits 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Generator
@@ -81,7 +82,8 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     app.on_fatal = stop_now
-    server.run()
+    with contextlib.suppress(SystemExit):  # uvicorn exits 3 when the startup fails: say why below, exit 1
+        server.run()
     if app.fatal_error is not None:
         report_termination(load_failure_reason(app.fatal_error), app.fatal_error)
         return 1

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ..precision import CPUINFO, int8_needs_reduced_range
+
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 # Op types onnxruntime's dynamic quantizer writes; a model without any was not quantized.
 ONNX_QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
@@ -61,7 +63,12 @@ def quantize_onnx(path: str) -> tuple[str, str]:
 
     handle, target = tempfile.mkstemp(prefix="forkless-int8-", suffix=".onnx")
     os.close(handle)
-    quantize_dynamic(path, target, weight_type=QuantType.QInt8)
+    try:
+        cpuinfo = CPUINFO.read_text()
+    except OSError:
+        cpuinfo = ""
+    reduce_range = int8_needs_reduced_range(cpuinfo)
+    quantize_dynamic(path, target, weight_type=QuantType.QInt8, reduce_range=reduce_range)
     ops = {node.op_type for node in onnx.load(target, load_external_data=False).graph.node}
     if not ops & ONNX_QUANTIZED_OPS:
         os.unlink(target)
@@ -70,7 +77,8 @@ def quantize_onnx(path: str) -> tuple[str, str]:
             "Conv, Attention and LSTM nodes and left this model unchanged; serve it with precision fp32"
         )
     before, after = os.path.getsize(path), os.path.getsize(target)
-    return target, f"int8: onnxruntime dynamic quantization, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+    how = "7-bit weights: this CPU has no VNNI" if reduce_range else "8-bit weights"
+    return target, f"int8: onnxruntime dynamic quantization ({how}), {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
 
 
 def cast_calls(call: Callable[..., Any], precision: str) -> Callable[..., Any]:
