@@ -90,8 +90,11 @@ def stop_message() -> bytes:
     return encode_frame({"t": STOP})
 
 
-def ready_message(meta: dict[str, Any], pid: int, gpu_mem: int | None, peak_mem: int | None = None) -> bytes:
-    return encode_frame({"t": READY, "meta": meta, "pid": pid, "gpu_mem": gpu_mem, "peak_mem": peak_mem})
+def ready_message(meta: dict[str, Any], pid: int, gpu_mem: int | None, peak_mem: int | None = None,
+                  device_mem: int | None = None, rss: int | None = None) -> bytes:
+    """A loaded worker's hello: its metadata and its memory figures (--workers auto sizes from them)."""
+    return encode_frame({"t": READY, "meta": meta, "pid": pid, "gpu_mem": gpu_mem, "peak_mem": peak_mem,
+                         "device_mem": device_mem, "rss": rss})
 
 
 def load_error_message(error: str) -> bytes:

@@ -24,12 +24,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .pool.auto import CUDA_CONTEXT_BYTES, GPU_UTILIZATION
 from .settings import parse_input_shapes
-from .worker.warmup import CUDA_CONTEXT_BYTES, GiB
+from .worker.warmup import GiB
 
 ACTIVATION_FACTOR = 2.0
-# The share of a GPU's memory the plan fills, leaving the rest for fragmentation and the driver.
-GPU_UTILIZATION = 0.9
 MiB = 2**20
 # Total memory as the driver reports it (nvidia-smi "MiB"); --gpu-memory gives any other figure.
 GPUS: dict[str, int] = {

@@ -44,7 +44,7 @@ class Settings:
     model_uri: str = ""
     format: str | None = None
     handler: str | None = None
-    workers: int | None = None
+    workers: int | str | None = None  # a count, or "auto" (pool/auto.py)
     start_method: str = "spawn"
     device: str = "auto"
     threads_per_worker: int | None = None
@@ -95,6 +95,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 or auto, got {text!r}") from None
 
 
 def _non_negative_float(text: str) -> float:
@@ -185,7 +194,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("model_uri", str, "model file: a path or file:// URI", required=False),
     _choices("format", MODEL_FORMATS, "model format (inferred from the extension when not given)"),
     Flag("handler", _handler, "module:Class with load() and predict(inputs), imported only in the workers"),
-    Flag("workers", _positive_int, "model worker processes (default: one per visible GPU, else 1)"),
+    Flag("workers", _workers,
+         "model worker processes (default: one per visible GPU, else 1), or auto: the most that fit, from the "
+         "first worker's measured memory and the device's (or the container's) memory"),
     Flag("start_method", _start_method, "how workers start: spawn (default) or forkserver; fork is refused",
          choices=START_METHODS),
     _choices("device", DEVICES, "auto picks cuda when a GPU is visible"),

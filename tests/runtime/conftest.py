@@ -142,7 +142,8 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
                                    start_new_session=True)
     server = Server(process, port, log_path)
     if wait:
-        server.wait_ready(workers=int(expected_workers(args, full_env)))
+        wanted = expected_workers(args, full_env)
+        server.wait_ready(workers=1 if wanted == "auto" else int(wanted))
     return server
 
 

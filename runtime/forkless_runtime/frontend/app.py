@@ -179,7 +179,8 @@ class App:
             "inputs": meta.get("inputs", []),
             "outputs": meta.get("outputs", []),
             "parameters": {"batchable": bool(meta.get("batchable")), "max_batch_size": self.settings.max_batch_size,
-                           "workers": len(self.pool.workers), "precision": meta.get("precision", self.settings.precision),
+                           "workers": len(self.pool.workers), "workers_auto": self.pool.auto_decision,
+                           "precision": meta.get("precision", self.settings.precision),
                            "warm_up": meta.get("warm_up", {}), "notes": meta.get("notes", [])},
         }
 

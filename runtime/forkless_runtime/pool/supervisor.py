@@ -11,6 +11,7 @@ the batch to start now. A dead worker's in-flight requests are retried once on a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -41,8 +42,9 @@ from ..precision import precision_problem
 from ..protocol.tensors import NamedTensor
 from ..settings import Settings
 from . import dispatch
+from .auto import CUDA_CONTEXT_BYTES, decide, memory_limit_bytes
 from .metrics import PoolMetrics
-from .resources import default_threads, visible_gpus
+from .resources import default_threads, usable_cpus, visible_gpus
 
 log = logging.getLogger("forkless.pool")
 
@@ -162,56 +164,127 @@ class WorkerPool:
         self._stopping = False
         self._restarts: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self.device: str = "cpu"  # set by plan()
+        self.gpus: list[str] = []
+        self.auto_pending = False  # --workers auto, before the first worker has reported
+        self.auto_decision: str | None = None
+        self._respec_first: WorkerSpec | None = None
 
     # --- layout: which GPU and how many threads each worker gets -------------------------
     def plan(self) -> list[WorkerSpec]:
+        """The workers to start now: all of them, or with --workers auto the first, which measures."""
         settings = self.settings
         gpus = visible_gpus() if settings.device in ("auto", "cuda") else []
         if settings.device == "cuda" and not gpus:
             raise RuntimeError("--device cuda was given but no GPU is visible (CUDA_VISIBLE_DEVICES, /proc/driver/nvidia)")
-        device = "cuda" if gpus else "cpu"
-        problem = precision_problem(settings.precision, device, settings.resolved_format)
+        self.device, self.gpus = ("cuda" if gpus else "cpu"), gpus
+        problem = precision_problem(settings.precision, self.device, settings.resolved_format)
         if problem:
             raise ModelSettingsRefused(problem)
-        count = settings.workers or max(1, len(gpus))
-        threads = settings.threads_per_worker or default_threads(count)
-        specs = []
-        for slot in range(count):
-            specs.append(WorkerSpec(
-                worker_id=slot,
-                format=settings.resolved_format,
-                model_path=settings.model_path,
-                handler=settings.handler,
-                device=device,
-                gpu=gpus[slot % len(gpus)] if gpus else None,
-                workers_on_gpu=len(range(slot % len(gpus), count, len(gpus))) if gpus else 1,
-                threads=threads,
-                gpu_memory_fraction=settings.gpu_memory_fraction if gpus else None,
-                ring_name=None,
-                ring_size=RING_BYTES,
-                log_format=settings.log_format,
-                log_level=settings.log_level,
-                precision=settings.precision,
-                input_shapes=settings.input_shapes,
-                max_batch_size=settings.max_batch_size,
-            ))
-        return specs
+        if settings.workers == "auto":
+            self.auto_pending = True
+            return [self._spec(0, 1, settings.gpu_memory_fraction, 1)]
+        count = int(settings.workers or max(1, len(gpus)))
+        return [self._spec(slot, count, settings.gpu_memory_fraction, len(range(slot % len(gpus), count, len(gpus)))
+                           if gpus else 1) for slot in range(count)]
+
+    def _spec(self, slot: int, count: int, fraction: float | None, workers_on_gpu: int) -> WorkerSpec:
+        settings, gpus = self.settings, self.gpus
+        return WorkerSpec(
+            worker_id=slot,
+            format=settings.resolved_format,
+            model_path=settings.model_path,
+            handler=settings.handler,
+            device=self.device,
+            gpu=gpus[slot % len(gpus)] if gpus else None,
+            workers_on_gpu=workers_on_gpu,
+            threads=settings.threads_per_worker or default_threads(count),
+            gpu_memory_fraction=fraction if gpus else None,
+            ring_name=None,
+            ring_size=RING_BYTES,
+            log_format=settings.log_format,
+            log_level=settings.log_level,
+            precision=settings.precision,
+            input_shapes=settings.input_shapes,
+            max_batch_size=settings.max_batch_size,
+        )
+
+    def _add_worker(self, spec: WorkerSpec) -> Worker:
+        ring = None
+        try:
+            if self.settings.shm_threshold_kb > 0:
+                ring = ShmRing(RING_BYTES, min_bytes=int(self.settings.shm_threshold_kb * 1024))
+        except OSError as exc:  # a tiny /dev/shm: tensors ride in the socket instead
+            log.warning("shared memory unavailable (%s); tensors will be copied through the worker socket", exc)
+        worker = Worker(spec.worker_id, WorkerSpec(**{**spec.as_dict(), "ring_name": ring.name if ring else None}), ring)
+        self.workers.append(worker)
+        return worker
 
     async def start(self) -> None:
         for spec in self.plan():
-            ring = None
-            try:
-                if self.settings.shm_threshold_kb > 0:
-                    ring = ShmRing(RING_BYTES, min_bytes=int(self.settings.shm_threshold_kb * 1024))
-            except OSError as exc:  # a tiny /dev/shm: tensors ride in the socket instead
-                log.warning("shared memory unavailable (%s); tensors will be copied through the worker socket", exc)
-            spec = WorkerSpec(**{**spec.as_dict(), "ring_name": ring.name if ring else None})
-            self.workers.append(Worker(spec.worker_id, spec, ring))
+            self._add_worker(spec)
         first = self.workers[0].spec
-        log.info("starting %d worker(s) with %s: device %s, %d thread(s) each%s", len(self.workers),
+        log.info("starting %d worker(s) with %s: device %s, %d thread(s) each%s%s", len(self.workers),
                  self.settings.start_method, first.device, first.threads,
-                 f", GPUs {[w.spec.gpu for w in self.workers]}" if first.gpu is not None else "")
+                 f", GPUs {[w.spec.gpu for w in self.workers]}" if first.gpu is not None else "",
+                 "; --workers auto: the first measures what one needs, then the rest start" if self.auto_pending else "")
         await asyncio.gather(*(self._launch(worker) for worker in self.workers))
+
+    # --- --workers auto: grow once the first worker has measured itself ---------------------------
+    def _grow(self, first: Worker, header: dict[str, Any]) -> None:
+        """Decide the count from the first worker's report, start the others, and give the first the
+        thread budget of the final count once another worker can serve meanwhile."""
+        self.auto_pending = False
+        need = header.get("peak_mem") or header.get("rss") or 0
+        if self.device == "cuda":
+            if not header.get("peak_mem"):
+                need = (header.get("gpu_mem") or 0) + CUDA_CONTEXT_BYTES
+            memory = header.get("device_mem") or 0
+        else:
+            memory = memory_limit_bytes()
+        if not need or not memory:
+            log.warning("--workers auto: the first worker reported no memory figures; serving with one worker")
+            return
+        decision = decide(int(need), int(memory), usable_cpus(), len(self.gpus), self.settings.gpu_memory_fraction)
+        self.auto_decision = decision.reason
+        log.info("--workers auto: %s", decision.reason)
+        if decision.workers <= 1:
+            return
+        for slot in range(1, decision.workers):
+            worker = self._add_worker(self._spec(slot, decision.workers, decision.gpu_memory_fraction,
+                                                 decision.per_gpu or 1))
+            self._spawn_task(self._launch(worker))
+        final = self._spec(0, decision.workers, decision.gpu_memory_fraction, decision.per_gpu or 1)
+        if (final.threads, final.gpu_memory_fraction, final.workers_on_gpu) != (
+                first.spec.threads, first.spec.gpu_memory_fraction, first.spec.workers_on_gpu):
+            self._respec_first = final
+
+    async def _relaunch_with(self, worker: Worker, spec: WorkerSpec) -> None:
+        """Replace a worker's process with one of a new spec, losing nothing: it stops being chosen,
+        finishes what it holds, stops, and the new one loads."""
+        worker.ready = False
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while worker.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        worker.stopping = True
+        if worker.channel is not None and worker.channel.transport is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                worker.channel.send(stop_message())
+                worker.channel.transport.close()
+        if worker.process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, worker.process.join, 5)
+            if worker.process.is_alive():
+                worker.process.kill()
+        worker.spec = WorkerSpec(**{**spec.as_dict(), "ring_name": worker.ring.name if worker.ring else None})
+        worker.stopping = False
+        if not self._stopping:
+            log.info("worker %d restarts with %d thread(s) to match the other workers", worker.slot, spec.threads)
+            await self._launch(worker)
+
+    def _spawn_task(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     async def _launch(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -318,6 +391,11 @@ class WorkerPool:
             if self.metadata is None:
                 self.metadata = header["meta"]
             log.info("worker %d ready (pid %s)", worker.slot, header.get("pid"))
+            if self.auto_pending:
+                self._grow(worker, header)
+            elif self._respec_first is not None and worker.slot != 0:
+                spec, self._respec_first = self._respec_first, None
+                self._spawn_task(self._relaunch_with(self.workers[0], spec))
             self.pump()
         elif kind == LOAD_ERROR:
             worker.last_error = header["error"]
@@ -395,9 +473,7 @@ class WorkerPool:
             if worker.load_failures >= self.settings.max_load_attempts and not self.ready_count():
                 self.on_fatal(f"the model cannot be loaded: {worker.last_error}")
                 return
-        task = asyncio.get_running_loop().create_task(self._restart(worker))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._spawn_task(self._restart(worker))
 
     async def _restart(self, worker: Worker) -> None:
         attempts = max(worker.crashes, worker.load_failures)

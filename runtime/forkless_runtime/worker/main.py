@@ -78,6 +78,23 @@ def gpu_memory_bytes(spec: WorkerSpec) -> int | None:
     return int(torch.cuda.memory_reserved(0))
 
 
+def device_memory_bytes(spec: WorkerSpec) -> int | None:
+    """The total memory of this worker's GPU (None on CPU)."""
+    if spec.device != "cuda" or "torch" not in sys.modules:
+        return None
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def short_error(exc: BaseException, limit: int = 500) -> str:
     """The gist of a model error for the client: TorchScript wraps the cause in a long traceback."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -129,7 +146,8 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
         sys.exit(1)
 
     peak = model.warm_up.get("peak_bytes")
-    conn.send_bytes(ready_message(model.metadata(), os.getpid(), gpu_memory_bytes(spec), peak))
+    conn.send_bytes(ready_message(model.metadata(), os.getpid(), gpu_memory_bytes(spec), peak,
+                                  device_memory_bytes(spec), resident_bytes()))
     serve(conn, model.predict, ring, spec)
 
 

@@ -18,14 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from ..pool.auto import CUDA_CONTEXT_BYTES
 from ..protocol.tensors import NamedTensor, dtype_of
 from ..settings import format_input_shapes, parse_input_shapes
 from .loaders import LoadedModel
 
-# What a CUDA context and the first cuBLAS/cuDNN handles cost a process, outside PyTorch's allocator:
-# about 0.3-0.5 GiB with lazy module loading (pytorch#86509, #109888; notes/planning-precision.md).
-# Replaced by the figure measured on the device (docs/gpu-report.md) once a GPU run has measured it.
-CUDA_CONTEXT_BYTES = 512 * 2**20
 GiB = 2**30
 
 
