@@ -115,6 +115,22 @@ def _bytes_quantity(size: Decimal) -> str:
     return str(int(size))
 
 
+# With workers: auto the count is decided in the pod; /dev/shm is sized for this many per replica when
+# neither GPUs nor a CPU request say more (a sizeLimit reserves nothing until it is used).
+AUTO_WORKERS_ASSUMED = 8
+
+
+def planned_workers(isvc: InferenceService) -> int:
+    """The worker count to size for: the spec's, or with auto the most the runtime could start
+    (one per usable CPU, and at least one per GPU)."""
+    workers = isvc.spec.workers
+    if isinstance(workers, int):
+        return workers
+    resources = isvc.spec.resources
+    cpus = math.ceil(parse_quantity(resources.cpu)) if resources.cpu is not None else AUTO_WORKERS_ASSUMED
+    return max(resources.gpus, cpus, 1)
+
+
 def shared_memory_size(isvc: InferenceService) -> str:
     """sizeLimit of /dev/shm: as given, else 1Gi per worker, at most the memory request.
 
@@ -124,7 +140,7 @@ def shared_memory_size(isvc: InferenceService) -> str:
     resources = isvc.spec.resources
     if resources.shared_memory is not None:
         return _quantity(resources.shared_memory)
-    size = Decimal(SHARED_MEMORY_PER_WORKER * isvc.spec.workers)
+    size = Decimal(SHARED_MEMORY_PER_WORKER * planned_workers(isvc))
     if resources.memory is not None:
         size = min(size, parse_quantity(resources.memory))
     return _bytes_quantity(size)
@@ -180,7 +196,7 @@ RUNTIME_SETTING_SOURCES: dict[str, str] = {
     "model_uri": "spec.model.uri (a pvc:// model becomes the mounted path, a downloaded one the file or directory it lands in)",
     "format": "spec.model.format",
     "handler": "spec.model.handler",
-    "workers": "spec.runtime.workers (default one per GPU, else 1)",
+    "workers": "spec.runtime.workers (default one per GPU, else 1; auto decided in the pod)",
     "start_method": "spec.runtime.startMethod",
     "device": "operator: cuda when spec.resources.gpus > 0, else cpu",
     "threads_per_worker": "spec.runtime.threadsPerWorker",

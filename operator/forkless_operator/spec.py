@@ -79,8 +79,8 @@ def runtime_default(field: str, default: Any = None) -> str:
     return f"Default {env_value(value)} (forkless-runtime {flag_name(field)})."
 
 
-def effective_workers(workers: int | None, gpus: int) -> int:
-    """Workers per replica: as given, else one per GPU, else one."""
+def effective_workers(workers: int | str | None, gpus: int) -> int | str:
+    """Workers per replica: as given (a count or "auto"), else one per GPU, else one."""
     return workers if workers is not None else max(gpus, 1)
 
 
@@ -214,7 +214,8 @@ class ModelSpec(_Model):
         pattern=HANDLER_PATTERN,
         description="Import string module:Class of the handler the workers load; required for format python.",
     )
-    input_shapes: list[Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=8)]] | None = Field(
+    input_shapes: list[Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(
+        min_length=1, max_length=8, json_schema_extra={"x-kubernetes-list-type": "atomic"})]] | None = Field(
         default=None,
         max_length=16,
         description=(
@@ -223,6 +224,7 @@ class ModelSpec(_Model):
             "batch size and measures its memory before it reports ready (torch.export and ONNX models "
             "declare their own). forkless-runtime --input-shapes."
         ),
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
     )
 
     model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE, CACHE_NEEDS_DOWNLOAD_RULE))
@@ -257,10 +259,22 @@ START_METHOD_RULE = Rule(
     holds=lambda method: method in ("spawn", "forkserver"),
 )
 WORKERS_RULE = Rule(
-    rule="self >= 1",
+    rule="type(self) == string || self >= 1",
     message="workers must be at least 1: each worker is one spawned process that loads the model",
-    holds=lambda workers: workers >= 1,
+    holds=lambda workers: isinstance(workers, str) or workers >= 1,
 )
+MAX_WORKERS = 256
+WORKERS_MAX_RULE = Rule(
+    rule=f"type(self) == string || self <= {MAX_WORKERS}",
+    message=f"workers must be at most {MAX_WORKERS}",
+    holds=lambda workers: isinstance(workers, str) or workers <= MAX_WORKERS,
+)
+WORKERS_AUTO_RULE = Rule(
+    rule="type(self) == int || self == 'auto'",
+    message="workers must be a number or auto (the most that fit, from the first worker's measured memory)",
+    holds=lambda workers: isinstance(workers, int) or workers == "auto",
+)
+WORKERS_RULES = (WORKERS_RULE, WORKERS_MAX_RULE, WORKERS_AUTO_RULE)
 # The runtime's own settings: every one is rendered from a spec field or by the operator, so env
 # cannot set them (other FORKLESS_* names, e.g. a handler's own, are the user's).
 RUNTIME_ENV_NAMES = tuple(env_name(flag.field) for flag in FLAGS)
@@ -310,11 +324,16 @@ class RuntimeSpec(_Model):
     image: str | None = Field(
         default=None, max_length=512, description="Runtime container image. Defaults to the operator's configured image."
     )
-    workers: int | None = Field(
+    workers: int | str | None = Field(
         default=None,
-        le=256,
-        description="Worker processes per replica, each loading the model once. Defaults to one per GPU, else 1.",
-        json_schema_extra=validations(WORKERS_RULE),
+        description=(
+            "Worker processes per replica, each loading the model once. Defaults to one per GPU, else 1. "
+            "auto: the first worker measures its memory in its warm-up at the largest batch, then as many "
+            "start as fit in 90% of the GPU's memory (on CPU, the container's memory limit), at most one per "
+            "usable CPU, each capped at its share of the GPU."
+        ),
+        json_schema_extra={"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                           **validations(*WORKERS_RULES)},
     )
     start_method: str = Field(
         default="spawn",
@@ -418,9 +437,10 @@ class RuntimeSpec(_Model):
 
     @field_validator("workers")
     @classmethod
-    def _workers_rule(cls, workers: int | None) -> int | None:
+    def _workers_rule(cls, workers: int | str | None) -> int | str | None:
         if workers is not None:
-            WORKERS_RULE.check(workers)
+            for rule in WORKERS_RULES:
+                rule.check(workers)
         return workers
 
     @field_validator("start_method")
@@ -569,6 +589,7 @@ GPU_FRACTION_NEEDS_GPUS_RULE = Rule(
 GPU_FRACTION_FITS_RULE = Rule(
     rule=(
         "!has(self.runtime.gpuMemoryFraction) || self.resources.gpus == 0 || "
+        "(has(self.runtime.workers) && type(self.runtime.workers) == string) || "
         "self.runtime.gpuMemoryFraction * double(((has(self.runtime.workers) ? self.runtime.workers : self.resources.gpus)"
         f" + self.resources.gpus - 1) / self.resources.gpus) <= {1 + FRACTION_EPSILON!r}"
     ),
@@ -579,8 +600,9 @@ GPU_FRACTION_FITS_RULE = Rule(
     holds=lambda s: (
         s.runtime.gpu_memory_fraction is None
         or s.resources.gpus == 0
+        or isinstance(s.runtime.workers, str)
         or s.runtime.gpu_memory_fraction
-        * workers_per_gpu(effective_workers(s.runtime.workers, s.resources.gpus), s.resources.gpus)
+        * workers_per_gpu(int(effective_workers(s.runtime.workers, s.resources.gpus)), s.resources.gpus)
         <= 1 + FRACTION_EPSILON
     ),
 )
@@ -661,8 +683,8 @@ class InferenceServiceSpec(_Model):
         return self
 
     @property
-    def workers(self) -> int:
-        """Worker processes per replica after defaulting."""
+    def workers(self) -> int | str:
+        """Worker processes per replica after defaulting: a count, or "auto"."""
         return effective_workers(self.runtime.workers, self.resources.gpus)
 
 

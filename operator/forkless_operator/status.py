@@ -305,7 +305,7 @@ def compute_status(
         replica_summary=f"{ready_replicas}/{desired}",
         selector=selector_string(isvc),
         gpus=isvc.spec.resources.gpus * desired,
-        workers=isvc.spec.workers,
+        workers=isvc.spec.workers if isinstance(isvc.spec.workers, int) else None,
         model_status=model_status(pod_list, readiness.ok, previous.model_status),
         conditions=[ready_condition, reconciled_condition],
     )

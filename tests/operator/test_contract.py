@@ -141,6 +141,7 @@ RUNTIME_LEAVES = {
     for name, node in SPEC_SCHEMA["properties"]["runtime"]["properties"].items()
     if node.get("type") in ("integer", "number", "boolean") or "enum" in node
 }
+RUNTIME_LEAVES["workers"] = st.one_of(st.integers(1, 256), st.just("auto"))  # int-or-string
 BATCHING_LEAVES = {
     name: from_schema(node)
     for name, node in SPEC_SCHEMA["properties"]["runtime"]["properties"]["batching"]["properties"].items()

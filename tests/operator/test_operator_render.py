@@ -181,9 +181,11 @@ def test_single_replica_has_no_pdb_or_hpa() -> None:
 @pytest.mark.parametrize(
     ("resources", "workers", "size"),
     [({}, None, "1Gi"), ({}, 3, "3Gi"), ({"memory": "2Gi"}, 4, "2Gi"), ({"memory": "1500Mi"}, 2, "1500Mi"),
-     ({"sharedMemory": "512Mi"}, 8, "512Mi"), ({"gpus": 2}, None, "2Gi")],
+     ({"sharedMemory": "512Mi"}, 8, "512Mi"), ({"gpus": 2}, None, "2Gi"),
+     # auto: sized for the most workers the pod could start, one per CPU of its request (or 8)
+     ({"cpu": "3500m"}, "auto", "4Gi"), ({}, "auto", "8Gi"), ({"gpus": 2, "cpu": "1", "memory": "4Gi"}, "auto", "2Gi")],
 )
-def test_shared_memory_size(resources: dict[str, Any], workers: int | None, size: str) -> None:
+def test_shared_memory_size(resources: dict[str, Any], workers: int | str | None, size: str) -> None:
     runtime = {} if workers is None else {"workers": workers}
     assert shared_memory_size(isvc(resources=resources, runtime=runtime)) == size
 

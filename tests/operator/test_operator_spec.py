@@ -119,3 +119,11 @@ def test_gpu_memory_fraction_rule_is_ceil_of_workers_per_gpu(gpus: int, workers:
     effective = gpus if workers is None else workers
     fits = fraction * math.ceil(effective / gpus) <= 1 + spec.FRACTION_EPSILON
     assert (errors_of(minimal(runtime=runtime, resources={"gpus": gpus})) == []) == fits
+
+
+def test_workers_auto_is_accepted_and_any_other_word_refused_with_the_rule() -> None:
+    assert InferenceServiceSpec.model_validate(minimal(runtime={"workers": "auto"})).workers == "auto"
+    assert errors_of(minimal(runtime={"workers": "many"})) == [spec.WORKERS_AUTO_RULE.message]
+    assert errors_of(minimal(runtime={"workers": 257})) == [spec.WORKERS_MAX_RULE.message]
+    # auto decides each worker's cap itself: a given fraction is a bound, not a sum to check
+    assert not errors_of(minimal(runtime={"workers": "auto", "gpuMemoryFraction": 0.5}, resources={"gpus": 1}))
