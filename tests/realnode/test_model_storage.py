@@ -228,3 +228,28 @@ def test_a_stalled_download_ends_at_its_timeout(kube: Kube, real_node: RealNode,
     finally:
         stalled.stop()
     assert "the download did not finish within 2s (model.downloadTimeoutSeconds)" in ready["message"], ready
+
+
+def test_auto_workers_int8_and_the_warm_up_in_a_pod_follow_its_limits(kube: Kube, bucket: Bucket) -> None:
+    """In a container the runtime sizes --workers auto from the pod's memory limit (cgroup), not the
+    node's memory, warms up at the largest batch, and serves int8 within the measured error."""
+    import torch
+
+    bucket.s3.put("mlp/1/model.pt", bucket.models / "mlp.pt")
+    apply_isvc(kube, bucket.namespace, "auto-int8", {"name": "mlp", "uri": "s3://models/mlp/1/model.pt",
+                                                      "inputShapes": [[16]]},
+               runtime={"workers": "auto", "precision": "int8", "batching": {"maxBatchSize": 16}}, memory="1Gi")
+    wait_reason(kube, bucket.namespace, "auto-int8", "Available")
+    url = f"http://{kube.json('get', 'service', 'auto-int8', '-n', bucket.namespace)['spec']['clusterIP']}"
+    parameters = httpx.get(f"{url}/v2/models/mlp", timeout=30).json()["parameters"]
+    print(f"in the pod: {parameters['workers_auto']}; warm-up {parameters['warm_up']}")
+    assert "of 1.0 GiB" in parameters["workers_auto"], parameters  # the pod's limit, not the node's memory
+    assert parameters["workers"] == 1 and "the memory fits 1" in parameters["workers_auto"]
+    assert parameters["warm_up"]["batch"] == 16 and parameters["precision"] == "int8"
+    rows = [[0.1 * i - j for i in range(16)] for j in range(3)]
+    expected = torch.jit.load(str(bucket.models / "mlp.pt"))(torch.tensor(rows))
+    response = httpx.post(f"{url}/v2/models/mlp/infer", timeout=30, json={
+        "inputs": [{"name": "input-0", "shape": [3, 16], "datatype": "FP32", "data": [x for row in rows for x in row]}]})
+    assert response.status_code == 200, response.text
+    got = torch.tensor(response.json()["outputs"][0]["data"]).reshape(3, 3)
+    assert (got - expected).abs().max() <= 0.025 * expected.abs().max() + 1e-3

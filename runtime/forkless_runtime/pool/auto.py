@@ -58,8 +58,9 @@ def decide(need_bytes: int, memory_bytes: int, cpus: int, gpus: int,
     measured = f"one worker needs {need / gib:.2f} GiB of {memory_bytes / gib:.1f} GiB"
     if not gpus:
         workers = max(1, min(cpus, by_memory))
-        limit = "the memory" if by_memory < cpus else f"one per usable CPU ({cpus})"
-        return AutoWorkers(workers, None, None, f"{measured}: {workers} worker(s), bounded by {limit}")
+        limit = "the memory" if by_memory < cpus else "one per usable CPU"
+        return AutoWorkers(workers, None, None, f"{measured}: {workers} worker(s) (the memory fits {by_memory}, "
+                                                f"{cpus} usable CPU(s)), bounded by {limit}")
     per_gpu = max(1, by_memory)
     limit = f"{GPU_UTILIZATION:.0%} of the GPU's memory"
     if gpu_memory_fraction is not None and math.floor(1 / gpu_memory_fraction + 1e-9) < per_gpu:
