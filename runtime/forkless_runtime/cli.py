@@ -8,7 +8,16 @@ import sys
 import time
 
 from .logs import configure_logging
-from .settings import FLAGS, PRECISIONS, Settings, add_flags, env_name, flag_name, settings_from_args
+from .settings import (
+    FLAGS,
+    MODEL_FORMATS,
+    PRECISIONS,
+    Settings,
+    add_flags,
+    env_name,
+    flag_name,
+    settings_from_args,
+)
 
 # The names `plan --gpu` takes (forkless_runtime.planning.GPUS holds their memory; kept here so that
 # the command line is built without importing torch).
@@ -57,7 +66,82 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--gpu", choices=sorted(GPU_NAMES), help="a GPU by name")
     target.add_argument("--gpu-memory", help="a GPU's total memory, e.g. 80GiB or 81559MiB")
     plan.add_argument("--output", choices=("text", "json"), default="text")
+    tune = commands.add_parser(
+        "tune", help="sweep workers x batch size x batch delay under load on this machine; print the best under a p99",
+        description="Starts `serve` for each configuration, loads it at each concurrency with its own HTTP client, "
+        "and prints throughput, p50/p99 and memory per worker, then the best configuration whose p99 is within "
+        "--p99-ms as an InferenceService runtime: block.",
+    )
+    tune.add_argument("--model-uri", help="the model file (a path or file:// URI)")
+    tune.add_argument("--model-name", default="model")
+    tune.add_argument("--format", choices=MODEL_FORMATS)
+    tune.add_argument("--handler", help="module:Class for --format python")
+    tune.add_argument("--precision", choices=PRECISIONS)
+    tune.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    tune.add_argument("--input-shapes", help="per-sample input shapes when the model declares none, e.g. 3x64x64")
+    tune.add_argument("--workers", type=_int_list, help="worker counts to try (default: 1 and the usable CPUs, "
+                      "or 1, 2 and 4 per GPU)")
+    tune.add_argument("--max-batch-size", type=_int_list, default=[1, 8, 32], help="default 1,8,32")
+    tune.add_argument("--max-batch-delay-ms", type=_float_list, default=[2.0], help="default 2")
+    tune.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="connections; default 1,8,32")
+    tune.add_argument("--duration-s", type=float, default=5.0, help="seconds of load per cell (default 5)")
+    tune.add_argument("--p99-ms", type=float, default=100.0, help="the p99 budget the best must keep (default 100)")
+    tune.add_argument("--output", choices=("text", "json"), default="text")
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, e.g. 1,2,4; got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, e.g. 0,2,5; got {text!r}") from None
+    if any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 0, got {text!r}")
+    return values
+
+
+def tune_model(args: argparse.Namespace) -> int:
+    """Run the sweep; print progress to stderr and the table (or JSON) to stdout."""
+    import json
+
+    from .pool.resources import usable_cpus, visible_gpus
+    from .tune import configs, render_table, report, run
+
+    if not args.model_uri and not args.handler:
+        print("forkless-runtime tune: --model-uri (or --handler) is required", file=sys.stderr)
+        return 2
+    serve_args = ["--model-name", args.model_name]
+    for flag in ("model_uri", "format", "handler", "precision", "device", "input_shapes"):
+        if getattr(args, flag):
+            serve_args += [flag_name(flag), getattr(args, flag)]
+    gpus = len(visible_gpus()) if args.device != "cpu" else 0
+    workers = args.workers or sorted({1, 2 * gpus, 4 * gpus} - {0} if gpus else {1, usable_cpus()})
+    grid = configs(workers, args.max_batch_size, args.max_batch_delay_ms)
+    print(f"tuning {len(grid)} configuration(s) x {len(args.concurrency)} concurrency level(s), "
+          f"{args.duration_s:g} s each", file=sys.stderr)
+    try:
+        cells = run(serve_args, args.model_name, grid, args.concurrency, args.duration_s, args.input_shapes,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (RuntimeError, ValueError, OSError) as error:
+        print(f"forkless-runtime tune: {error}", file=sys.stderr)
+        return 1
+    result = report(cells, args.p99_ms)
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        chosen = next((c for c in cells if result["best"] and c.__dict__ == result["best"]), None)
+        print(render_table(cells, chosen, args.p99_ms))
+    return 0
 
 
 def plan_model(args: argparse.Namespace) -> int:
@@ -155,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "plan":
         sys.exit(plan_model(args))
+    if args.command == "tune":
+        sys.exit(tune_model(args))
     if args.command == "fetch":
         configure_logging("text", "info")
         sys.exit(fetch_model(args.uri, args.destination, args.timeout_s, args.cache))
