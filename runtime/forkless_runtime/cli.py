@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Counts the parameters and traces the forward on meta or fake tensors (nothing is allocated) at "
         "batch 1 and at the largest batch; adds the CUDA context; says how many workers fit on the GPU named.",
     )
-    plan.add_argument("--model-uri", required=True, help="the model file (a path or file:// URI)")
-    plan.add_argument("--format", choices=("torchscript", "torch-export", "onnx"),
-                      help="inferred from the extension when not given")
+    plan.add_argument("--model-uri", default="", help="the model file (a path or file:// URI)")
+    plan.add_argument("--format", choices=MODEL_FORMATS, help="inferred from the extension when not given")
+    plan.add_argument("--handler", help="module:Class of a Python handler that declares its memory (format python)")
     plan.add_argument("--precision", choices=PRECISIONS, default="fp32")
     plan.add_argument("--max-batch-size", type=int, default=32, help="the largest batch (default 32)")
     plan.add_argument("--input-shapes", help="per-sample input shapes, e.g. 3x64x64 (TorchScript needs them)")
@@ -152,14 +152,15 @@ def plan_model(args: argparse.Namespace) -> int:
     from .settings import EXTENSION_FORMATS
 
     path = args.model_uri.removeprefix("file://")
-    fmt = args.format or EXTENSION_FORMATS.get(os.path.splitext(path)[1].lower())
+    fmt = args.format or ("python" if args.handler else EXTENSION_FORMATS.get(os.path.splitext(path)[1].lower()))
     try:
         if fmt is None:
             raise ValueError(f"cannot infer the format of {path}: give --format")
         from .planning import parse_memory, plan, render_text
 
         memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
-        result = plan(path, fmt, args.precision, args.max_batch_size, args.input_shapes, args.gpu, memory)
+        result = plan(path, fmt, args.precision, args.max_batch_size, args.input_shapes, args.gpu, memory,
+                      args.handler)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"forkless-runtime plan: {error}", file=sys.stderr)
         return 1

@@ -243,20 +243,45 @@ def _onnx_plan(path: str, shapes: list[list[int]] | None,
     return tensors, one, peak_at(batch) if batch > 1 else one, shapes, []
 
 
+def _handler_plan(handler: str | None, max_batch_size: int) -> tuple[int, int, int, list[str]]:
+    """What a Python handler declares of itself: its class attribute ``memory``, a dict with
+    ``parameter_bytes`` and ``activation_bytes_per_sample`` (its code cannot be traced)."""
+    from .worker.loaders import import_handler
+
+    if not handler:
+        raise ValueError("format python needs --handler module:Class")
+    declared = getattr(import_handler(handler), "memory", None)
+    if not isinstance(declared, dict) or not {"parameter_bytes", "activation_bytes_per_sample"} <= set(declared):
+        raise ValueError(f"{handler} declares no memory: give the class an attribute memory = "
+                         "{'parameter_bytes': ..., 'activation_bytes_per_sample': ...}, or serve it and read "
+                         "its warm-up (forkless_worker_peak_memory_bytes)")
+    per_sample = int(declared["activation_bytes_per_sample"])
+    return int(declared["parameter_bytes"]), per_sample, per_sample * max_batch_size, [f"as {handler} declares it"]
+
+
 def plan(model_path: str, fmt: str, precision: str = "fp32", max_batch_size: int = 32,
-         input_shapes: str | None = None, gpu: str | None = None, gpu_memory: int | None = None) -> Plan:
+         input_shapes: str | None = None, gpu: str | None = None, gpu_memory: int | None = None,
+         handler: str | None = None) -> Plan:
     shapes = parse_input_shapes(input_shapes) if input_shapes else None
+    if fmt == "python":
+        parameters, per_sample, at_max, notes = _handler_plan(handler, max_batch_size)
+        result = Plan(handler or "", fmt, precision, max_batch_size, shapes or [], parameters, per_sample, at_max,
+                      CUDA_CONTEXT_BYTES, worker_need(parameters, at_max), notes=notes)
+        return _fit_on(result, gpu, gpu_memory)
     if fmt in ("torchscript", "torch-export"):
         tensors, one, at_max, shapes, notes = _torch_plan(model_path, fmt, shapes, precision, max_batch_size)
     elif fmt == "onnx":
         tensors, one, at_max, shapes, notes = _onnx_plan(model_path, shapes, max_batch_size)
     else:
-        raise ValueError(f"plan cannot trace a {fmt} model: a Python handler's memory is its own (measure it "
-                         "with the warm-up: serve it and read forkless_worker_peak_memory_bytes)")
+        raise ValueError(f"unknown model format {fmt!r}")
     parameters = precision_parameter_bytes(tensors, precision)
     per_sample = max(0, (at_max - one) // (max_batch_size - 1)) if max_batch_size > 1 else one
     result = Plan(model_path, fmt, precision, max_batch_size, shapes, parameters, per_sample, at_max,
                   CUDA_CONTEXT_BYTES, worker_need(parameters, at_max), notes=notes)
+    return _fit_on(result, gpu, gpu_memory)
+
+
+def _fit_on(result: Plan, gpu: str | None, gpu_memory: int | None) -> Plan:
     if gpu is not None or gpu_memory is not None:
         result.gpu_name = gpu or "given"
         result.gpu_memory_bytes = gpu_memory if gpu_memory is not None else GPUS[gpu or ""]
@@ -273,7 +298,7 @@ def render_text(result: Plan) -> str:
 
     lines = [
         f"model               {result.model} ({result.format}, {result.precision})",
-        f"input shapes        {', '.join('x'.join(map(str, s)) for s in result.input_shapes)} per sample",
+        f"input shapes        {', '.join('x'.join(map(str, s)) for s in result.input_shapes) or 'not given'} per sample",
         f"parameters          {size(result.parameter_bytes)}",
         f"activations         {size(result.activation_bytes_per_sample)} per sample, "
         f"{size(result.activation_bytes_at_max_batch)} at the largest batch ({result.max_batch_size})",

@@ -11,6 +11,9 @@ import numpy as np
 class Doubler:
     """Returns 2x its input and the batch size it saw, so tests can see batching happen."""
 
+    # What `forkless-runtime plan` takes from a handler, whose code it cannot trace.
+    memory = {"parameter_bytes": 1000, "activation_bytes_per_sample": 64}
+
     def load(self) -> None:
         self.delay = float(os.environ.get("TEST_HANDLER_DELAY_S", "0"))
 

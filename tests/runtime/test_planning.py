@@ -90,3 +90,17 @@ def test_the_plan_agrees_with_what_a_real_worker_measures(serve, models: Path) -
     ratio = measured / planned["activation_bytes_at_max_batch"]
     print(f"cnn at batch 32: planned {planned['activation_bytes_at_max_batch']} B, measured {measured} B, ratio {ratio:.2f}")
     assert 0.5 <= ratio <= 2.5, ratio
+
+
+def test_a_python_handler_is_planned_from_what_it_declares() -> None:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([CLI, "plan", "--handler", "handlers:Doubler", "--max-batch-size", "10", "--output", "json"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    declared = json.loads(result.stdout)
+    assert (declared["parameter_bytes"], declared["activation_bytes_at_max_batch"]) == (1000, 640)
+    silent = subprocess.run([CLI, "plan", "--handler", "handlers:AsyncUpper"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert silent.returncode == 1 and "declares no memory" in silent.stderr
