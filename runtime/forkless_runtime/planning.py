@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .pool.auto import CUDA_CONTEXT_BYTES, GPU_UTILIZATION
+from .gpu_memory import CUDA_CONTEXT_BYTES, GPU_UTILIZATION
 from .settings import parse_input_shapes
 from .worker.warmup import GiB
 

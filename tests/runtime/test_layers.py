@@ -31,6 +31,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "settings": {"frontend", "pool", "batching", "worker", "channel", "protocol"},
     "errors": {"frontend", "pool", "batching", "worker", "channel", "protocol"},
     "logs": {"frontend", "pool", "batching", "worker", "channel", "protocol"},
+    # Shared figures and rules, read by the front-end, the pool and the worker alike: leaves.
+    "gpu_memory": {"frontend", "pool", "batching", "worker", "channel", "protocol", "settings"},
+    "precision": {"frontend", "pool", "batching", "worker", "channel", "protocol", "settings"},
 }
 
 

@@ -14,14 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..gpu_memory import CUDA_CONTEXT_BYTES, GPU_UTILIZATION
 from .resources import CGROUP_ROOT
 
-# What a CUDA context and the first cuBLAS/cuDNN handles cost a process, outside PyTorch's allocator:
-# about 0.3-0.5 GiB with lazy module loading (pytorch#86509, #109888; notes/planning-precision.md).
-# Replaced by the figure measured on the device (docs/gpu-report.md) once a GPU run has measured it.
-CUDA_CONTEXT_BYTES = 512 * 2**20
-# The share of a device's memory the workers may fill together, leaving room for fragmentation.
-GPU_UTILIZATION = 0.9
 MEMINFO = Path("/proc/meminfo")
 UNLIMITED = 1 << 60  # cgroup v1 writes a huge number for "no limit"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..pool.auto import CUDA_CONTEXT_BYTES
+from ..gpu_memory import CUDA_CONTEXT_BYTES
 from ..protocol.tensors import NamedTensor, dtype_of
 from ..settings import format_input_shapes, parse_input_shapes
 from .loaders import LoadedModel
