@@ -6,8 +6,9 @@ per-object lock keeps one from writing a status computed from the other's stale 
 memory of the last status makes an identical recomputation write nothing (status is computed,
 never accumulated, so most recomputations are identical).
 
-A status whose meaning changed (observedGeneration, or a condition's status or reason) is written
-at once: that is what kubectl wait, Argo CD and users act on. A change of counts or messages only
+A status whose meaning changed (observedGeneration, or a condition's status or reason, the reasons
+on the ordinary way to Ready counting as one) is written at once: that is what kubectl wait, Argo CD
+and users act on. A change of counts or messages only
 ("0 of 1 replicas available" while Progressing) waits up to `DEFER_S` for the next change and is
 written with it, or alone when that time is up: while a Deployment rolls out, its status moves
 several times a second, and each write is a request and a watch event for every client.
@@ -26,20 +27,24 @@ from typing import Any
 from pydantic import ValidationError
 
 from forkless_operator.spec import InferenceServiceStatus
-from forkless_operator.status import Observation
+from forkless_operator.status import ON_THE_WAY_REASONS, Observation
 
 log = logging.getLogger("forkless.status")
 
 Key = tuple[str, str]  # (namespace, name)
 StatusWriter = Callable[[str, str, dict[str, Any]], Any]  # (namespace, name, status): Kube.apply_status
 DEFER_S = 5.0
+ON_THE_WAY = "OnTheWay"
 RETRY_S = 2.0
 
 
 def meaning(status: Mapping[str, Any] | None) -> tuple[Any, ...]:
-    """What readers act on: the observed generation and each condition's status and reason."""
+    """What readers act on: the observed generation and each condition's status and reason, the
+    reasons of the ordinary way to Ready (Pending, DeploymentMissing, Progressing) taken as one:
+    a pod going from Pending to Progressing on its way to Available is a detail, not news."""
     status = status or {}
-    conditions = tuple((c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or [])
+    conditions = tuple((c.get("type"), c.get("status"), ON_THE_WAY if c.get("reason") in ON_THE_WAY_REASONS
+                        else c.get("reason")) for c in status.get("conditions") or [])
     return status.get("observedGeneration"), conditions
 
 

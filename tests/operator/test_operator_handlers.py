@@ -130,6 +130,19 @@ def test_a_change_of_meaning_is_written_at_once_and_carries_the_latest_details()
     assert written == [status(summary="0/1"), ready]
 
 
+def test_a_step_on_the_ordinary_way_to_ready_is_a_detail_and_a_problem_is_news() -> None:
+    clock, written = Clock(), []
+    cache = StatusCache(clock=clock, background=False, defer_s=5)
+    key = ("ns", "m")
+    cache.write(lambda *args: written.append(args[2]), key, status(reason="Progressing"), stored=None)
+    assert not cache.write(lambda *args: written.append(args[2]), key, status(reason="Pending"), stored=None)
+    assert cache.write(lambda *args: written.append(args[2]), key, status(reason="ImagePullBackOff"), stored=None)
+    assert cache.write(lambda *args: written.append(args[2]), key, status(ready="True", reason="Available"), stored=None)
+    clock.now += 60
+    cache.flush_due(clock.now)
+    assert [w["conditions"][0]["reason"] for w in written] == ["Progressing", "ImagePullBackOff", "Available"]
+
+
 def test_details_alone_are_written_once_when_their_time_is_up() -> None:
     clock, written = Clock(), []
     cache = StatusCache(clock=clock, background=False, defer_s=5)
