@@ -183,3 +183,19 @@ def test_without_input_shapes_a_torchscript_model_says_why_it_was_not_warmed_up(
 def test_input_shapes_that_do_not_parse_are_a_usage_error() -> None:
     result = refused_at_start("--model-uri", "m.pt", "--input-shapes", "3x-1")
     assert result.returncode == 2 and "must be positive sizes joined by x" in result.stderr
+
+
+def test_a_peak_over_the_budget_is_refused_with_both_numbers_and_what_to_change() -> None:
+    """The GPU refusal's wording, decided by a pure function (the GPU path itself runs in test_gpu.py)."""
+    from forkless_runtime.termination import MODEL_OUT_OF_MEMORY, load_failure_reason
+    from forkless_runtime.worker.warmup import WarmUp, budget_problem
+
+    GiB = 2**30
+    fits = WarmUp(batch=64, seconds=0.1, peak_bytes=9 * GiB, activation_bytes=6 * GiB, device="cuda")
+    assert budget_problem(fits, 10 * GiB, "10.00 GiB (gpuMemoryFraction 0.125 of 80.0 GiB)") is None
+    over = WarmUp(batch=256, seconds=0.4, peak_bytes=int(11.8 * GiB), activation_bytes=int(10.9 * GiB), device="cuda")
+    problem = budget_problem(over, 10 * GiB, "10.00 GiB (gpuMemoryFraction 0.125 of 80.0 GiB)")
+    assert problem is not None
+    assert "one batch of 256 peaked at 11.80 GiB" in problem and "budget of 10.00 GiB" in problem
+    assert "fewer workers per GPU, a smaller maxBatchSize, a lower precision" in problem
+    assert load_failure_reason(f"WorkerDoesNotFit: {problem}") == MODEL_OUT_OF_MEMORY  # what the operator shows
