@@ -21,6 +21,7 @@ import pytest
 import yaml
 from forkless_operator.apply import FIELD_MANAGER
 from forkless_operator.crd import CRD_FILENAME
+from forkless_operator.status_cache import DEFER_S
 from test_operator_spec import INVALID_EXAMPLES  # tests/operator is on sys.path (rootdir-less test dirs)
 
 if TYPE_CHECKING:
@@ -308,7 +309,7 @@ def test_autoscaling_leaves_replicas_to_the_hpa(
     assert deployment(kube, namespace, "autoscaled")["spec"]["replicas"] == 3
     assert not operator_owns_replicas()
     body = wait_for(lambda: (b := settled(kube, namespace, "autoscaled")) and b["status"]["readyReplicas"] == 3 and b,
-                    60, "autoscaled Ready with the 3 replicas the HPA would have set")
+                    DEFER_S + 60, "autoscaled Ready with the 3 replicas the HPA would have set")
     assert body["status"]["replicaSummary"] == "3/3"
 
 
