@@ -6,6 +6,8 @@ import argparse
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .logs import configure_logging
 from .settings import (
@@ -90,24 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, e.g. 1,2,4; got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
-    return values
+def _number_list(convert: Callable[[str], float], least: float) -> Callable[[str], list[Any]]:
+    """A parser of "1,2,4": numbers separated by commas, each at least ``least``."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [convert(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be numbers separated by commas, e.g. 1,2,4; got {text!r}") from None
+        if any(not v >= least for v in values):
+            raise argparse.ArgumentTypeError(f"every value must be >= {least:g}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, e.g. 0,2,5; got {text!r}") from None
-    if any(not v >= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be >= 0, got {text!r}")
-    return values
+_int_list = _number_list(int, 1)
+_float_list = _number_list(float, 0)
 
 
 def tune_model(args: argparse.Namespace) -> int:
