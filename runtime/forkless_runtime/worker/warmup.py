@@ -11,6 +11,7 @@ counts) plus the CUDA context, which sits outside it; on CPU the peak resident s
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,10 @@ def warm_up(model: LoadedModel, input_shapes: str | None, max_batch_size: int, d
     tensors = sample_inputs(model, input_shapes, batch)
     if isinstance(tensors, str):
         return tensors
+    if device == "cuda" and "torch" not in sys.modules:  # onnxruntime: measuring through torch would add a context
+        model.predict(tensors)
+        return ("the warm-up batch ran; its GPU memory was not measured: onnxruntime allocates outside "
+                "PyTorch's allocator, and reading the device through torch would cost this worker a second context")
     try:
         result = measure(model, tensors, device)
     except MemoryError:
