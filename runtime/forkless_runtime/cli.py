@@ -116,7 +116,7 @@ def tune_model(args: argparse.Namespace) -> int:
     import json
 
     from .pool.resources import usable_cpus, visible_gpus
-    from .tune import configs, render_table, report, run
+    from .tune import best, configs, render_table, report, run
 
     if not args.model_uri and not args.handler:
         print("forkless-runtime tune: --model-uri (or --handler) is required", file=sys.stderr)
@@ -136,12 +136,10 @@ def tune_model(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError, OSError) as error:
         print(f"forkless-runtime tune: {error}", file=sys.stderr)
         return 1
-    result = report(cells, args.p99_ms)
     if args.output == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps(report(cells, args.p99_ms), indent=2))
     else:
-        chosen = next((c for c in cells if result["best"] and c.__dict__ == result["best"]), None)
-        print(render_table(cells, chosen, args.p99_ms))
+        print(render_table(cells, best(cells, args.p99_ms), args.p99_ms))
     return 0
 
 

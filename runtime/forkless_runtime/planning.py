@@ -156,8 +156,7 @@ def _torch_inputs(shapes: list[list[int]], batch: int, device: str, dtype: Any) 
 
 
 def _torch_plan(path: str, fmt: str, shapes: list[list[int]] | None, precision: str,
-                batch: int) -> tuple[list[tuple[int, int, bool]], int, int, list[list[int]], list[str]]:
-    notes: list[str] = []
+                batch: int) -> tuple[list[tuple[int, int, bool]], int, int, list[list[int]]]:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -188,11 +187,11 @@ def _torch_plan(path: str, fmt: str, shapes: list[list[int]] | None, precision: 
         module = module.to(dtype)
     one = _traced_peak(module, _torch_inputs(shapes, 1, device, dtype), fake)
     at_max = _traced_peak(module, _torch_inputs(shapes, batch, device, dtype), fake) if batch > 1 else one
-    return tensors, one, at_max, shapes, notes
+    return tensors, one, at_max, shapes
 
 
 def _onnx_plan(path: str, shapes: list[list[int]] | None,
-               batch: int) -> tuple[list[tuple[int, int, bool]], int, int, list[list[int]], list[str]]:
+               batch: int) -> tuple[list[tuple[int, int, bool]], int, int, list[list[int]]]:
     """Initializers counted without loading their data; activations by a liveness walk over the
     graph in its (topological) order, with the batch dimension set and shapes inferred."""
     import onnx
@@ -240,7 +239,7 @@ def _onnx_plan(path: str, shapes: list[list[int]] | None,
         return peak
 
     one = peak_at(1)
-    return tensors, one, peak_at(batch) if batch > 1 else one, shapes, []
+    return tensors, one, peak_at(batch) if batch > 1 else one, shapes
 
 
 def _handler_plan(handler: str | None, max_batch_size: int) -> tuple[int, int, int, list[str]]:
@@ -269,15 +268,15 @@ def plan(model_path: str, fmt: str, precision: str = "fp32", max_batch_size: int
                       CUDA_CONTEXT_BYTES, worker_need(parameters, at_max), notes=notes)
         return _fit_on(result, gpu, gpu_memory)
     if fmt in ("torchscript", "torch-export"):
-        tensors, one, at_max, shapes, notes = _torch_plan(model_path, fmt, shapes, precision, max_batch_size)
+        tensors, one, at_max, shapes = _torch_plan(model_path, fmt, shapes, precision, max_batch_size)
     elif fmt == "onnx":
-        tensors, one, at_max, shapes, notes = _onnx_plan(model_path, shapes, max_batch_size)
+        tensors, one, at_max, shapes = _onnx_plan(model_path, shapes, max_batch_size)
     else:
         raise ValueError(f"unknown model format {fmt!r}")
     parameters = precision_parameter_bytes(tensors, precision)
     per_sample = max(0, (at_max - one) // (max_batch_size - 1)) if max_batch_size > 1 else one
     result = Plan(model_path, fmt, precision, max_batch_size, shapes, parameters, per_sample, at_max,
-                  CUDA_CONTEXT_BYTES, worker_need(parameters, at_max), notes=notes)
+                  CUDA_CONTEXT_BYTES, worker_need(parameters, at_max))
     return _fit_on(result, gpu, gpu_memory)
 
 

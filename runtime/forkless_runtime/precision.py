@@ -1,6 +1,6 @@
 """Which precision can run where, decided without torch (the front-end and the operator's rules use it).
 
-The measured facts behind each refusal (docs/precision.md): fp16 on a CPU runs about 2x slower than
+The measured facts behind each refusal (docs/planning.md, notes/planning-precision.md): fp16 on a CPU runs about 2x slower than
 fp32; bf16 is only fast where the CPU has bf16 instructions (avx512_bf16 or AMX on x86, the `bf16`
 feature on Arm) and is emulated elsewhere; int8 here is dynamic quantization, which has CPU kernels
 only; a loaded torch.export program or a Python handler has no nn.Linear modules left to swap, so
@@ -15,29 +15,26 @@ CPUINFO = Path("/proc/cpuinfo")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def cpu_bf16_flags(cpuinfo: str) -> list[str]:
-    """The bf16 instruction flags the first CPU of /proc/cpuinfo lists (x86 `flags`, Arm `Features`)."""
+def cpu_features(cpuinfo: str) -> tuple[str, list[str]] | None:
+    """The first CPU's feature list in /proc/cpuinfo and its key (x86 `flags`, Arm `Features`)."""
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return [flag for flag in value.split() if flag in BF16_CPU_FLAGS]
-    return []
-
-
-def cpu_flags(cpuinfo: str) -> list[str] | None:
-    """The x86 `flags` of the first CPU; None elsewhere (Arm lists `Features`)."""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return value.split()
+            return key.strip(), value.split()
     return None
+
+
+def cpu_bf16_flags(cpuinfo: str) -> list[str]:
+    """The bf16 instruction flags the first CPU lists."""
+    features = cpu_features(cpuinfo)
+    return [flag for flag in features[1] if flag in BF16_CPU_FLAGS] if features else []
 
 
 def int8_needs_reduced_range(cpuinfo: str) -> bool:
     """An x86 CPU without VNNI multiplies u8 x s8 with 16-bit saturation: onnxruntime's int8 results
     go wrong (measured: an error of 4.0 on outputs of 6.2) unless weights are quantized to 7 bits."""
-    flags = cpu_flags(cpuinfo)
-    return flags is not None and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+    features = cpu_features(cpuinfo)
+    return features is not None and features[0] == "flags" and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(features[1])
 
 
 def cpu_supports_bf16(path: Path = CPUINFO) -> bool:

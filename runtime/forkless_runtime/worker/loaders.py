@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import os
 import pickle
 import re
 import zipfile
@@ -173,9 +174,8 @@ def load_torchscript(path: str, device: str, precision: str = "fp32") -> LoadedM
     if precision == "int8":
         module, note = precision_.quantize_torchscript(module)
         notes.append(note)
-    model = LoadedModel("pytorch_torchscript", _torch_predict(module, inputs, device, precision), inputs,
-                        [TensorSpec("output-0", "", [-1])], notes=notes, precision=precision)
-    return model
+    return LoadedModel("pytorch_torchscript", _torch_predict(module, inputs, device, precision), inputs,
+                       [TensorSpec("output-0", "", [-1])], notes=notes, precision=precision)
 
 
 def load_torch_export(path: str, device: str, precision: str = "fp32") -> LoadedModel:
@@ -257,6 +257,8 @@ def load_onnx(path: str, device: str, threads: int, precision: str = "fp32") -> 
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(path, options, providers=providers)
+    if precision == "int8":
+        os.unlink(path)  # the quantized copy: the session holds the model now, and a restarted worker makes another
 
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) else -1 for d in arg.shape]

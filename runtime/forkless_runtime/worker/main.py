@@ -87,14 +87,6 @@ def device_memory_bytes(spec: WorkerSpec) -> int | None:
     return int(torch.cuda.get_device_properties(0).total_memory)
 
 
-def resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def short_error(exc: BaseException, limit: int = 500) -> str:
     """The gist of a model error for the client: TorchScript wraps the cause in a long traceback."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -119,7 +111,7 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
         started = time.perf_counter()
         prepare_torch(spec)
         from .loaders import load_model
-        from .warmup import warm_up
+        from .warmup import resident_bytes, warm_up
 
         model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads, spec.precision)
         ring = map_ring(spec.ring_name, spec.ring_size) if spec.ring_name else None

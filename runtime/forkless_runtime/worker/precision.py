@@ -42,7 +42,7 @@ def quantize_torchscript(module: Any) -> tuple[Any, str]:
     """Dynamic int8 quantization of a loaded TorchScript module's Linear layers, verified."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic_jit
 
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated; docs/precision.md says so once
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated; docs/planning.md says so once
         warnings.simplefilter("ignore")
         quantized = quantize_dynamic_jit(module, {"": default_dynamic_qconfig})
     graph = str(quantized.inlined_graph)

@@ -75,6 +75,14 @@ def _status_bytes(field: str) -> int:
     return int(values[field]) * 1024
 
 
+def resident_bytes() -> int | None:
+    """This process's resident set now (None where /proc is not Linux's)."""
+    try:
+        return _status_bytes("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
 def _reset_cpu_peak() -> bool:
     """Reset the kernel's peak resident set (VmHWM) of this process (Linux >= 4.0)."""
     try:
