@@ -136,7 +136,8 @@ class Service:
 
 def forkless(name: str, model: str, workers: int, batching: bool, payloads: list[str], **extra: str) -> Service:
     command = [CLI, "serve", "--model-name", "m", "--model-uri", str(MODELS / model), "--workers", str(workers),
-               "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--max-queue", "4096"]
+               "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--max-queue", "4096",
+               "--grpc-port", "0"]
     command += ["--max-batch-size", "32", "--max-batch-delay-ms", "5"] if batching else ["--max-batch-size", "1"]
     for flag, value in extra.items():
         command += [f"--{flag.replace('_', '-')}", value]

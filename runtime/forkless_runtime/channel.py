@@ -58,6 +58,7 @@ class WorkerSpec:
     input_shapes: str | None = None  # per-sample shapes, "3x64x64,10"; for the warm-up of formats that declare none
     max_batch_size: int = 1
     workers_on_gpu: int = 1  # workers sharing this worker's GPU: each gets an equal share unless capped
+    signature: str | None = None  # --signature: a file or inline JSON, read in the worker
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +70,7 @@ def worker_entry(spec: dict[str, Any], conn: Connection) -> None:
 
 
 # --- messages: front-end -> worker -------------------------------------------------------------
-INFER = "infer"  # a batch: {"id", "inputs", "deadline"?} + tensors
+INFER = "infer"  # a batch: {"id", "inputs", "deadline"?, "params"?} + tensors
 STOP = "stop"  # finish and exit
 # --- messages: worker -> front-end -------------------------------------------------------------
 READY = "ready"  # the model loaded: {"meta", "pid", "gpu_mem"}
@@ -79,10 +80,12 @@ ERR = "err"  # a batch failed: {"id", "error", "busy_s"}
 
 
 def infer_message(batch_id: int, inputs: list[dict[str, Any]], payload: list[bytes | memoryview],
-                  deadline: float | None) -> bytes:
+                  deadline: float | None, parameters: dict[str, Any] | None = None) -> bytes:
     header: dict[str, Any] = {"t": INFER, "id": batch_id, "inputs": inputs}
     if deadline is not None:
         header["deadline"] = deadline  # wall-clock: the worker skips a batch nobody waits for any more
+    if parameters:
+        header["params"] = parameters  # the request's parameters: one set per batch (the batcher keeps them apart)
     return encode_frame(header, payload)
 
 

@@ -34,3 +34,13 @@ class RequestTimeout(ServingError):
 
 class ModelError(ServingError):
     status = 500
+
+
+class UnknownModel(ServingError):
+    """Worded as Triton words it: tritonclient and Triton users' scripts look for this text."""
+
+    status = 404
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        super().__init__(f"Request for unknown model: '{name}' is not found; this server serves "
+                         f"{', '.join(repr(n) for n in served)}")

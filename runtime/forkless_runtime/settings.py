@@ -33,6 +33,7 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # package.module:ClassName, ASCII identifiers; the CRD validates handler strings with this pattern too.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -40,8 +41,11 @@ HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_]
 class Settings:
     """Everything the front-end and the workers need, as plain data that crosses process boundaries."""
 
-    model_name: str
+    model_name: str = ""
     model_uri: str = ""
+    models: tuple[str, ...] = ()  # more models, "name=URI" or "name=pkg.module:Class" each (models.py)
+    model_repository: str | None = None  # a Triton-layout directory: every subdirectory is a model
+    signature: str | None = None  # a JSON or config.pbtxt file, or inline JSON: the model's tensors
     format: str | None = None
     handler: str | None = None
     workers: int | str | None = None  # a count, or "auto" (pool/auto.py)
@@ -62,6 +66,7 @@ class Settings:
     shm_threshold_kb: float = 16.0
     host: str = "0.0.0.0"
     port: int = 8080
+    grpc_port: int = 8081
     log_format: str = "text"
     log_level: str = "info"
     access_log: bool = False
@@ -168,6 +173,26 @@ def _input_shapes(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _model_entry(text: str) -> str:
+    name, sep, uri = text.partition("=")
+    if not sep or not re.fullmatch(MODEL_NAME_PATTERN, name) or not uri:
+        raise argparse.ArgumentTypeError(f"must be NAME=URI (a name of letters, digits, '.', '_', '-'), got {text!r}")
+    return text
+
+
+def _signature(text: str) -> str:
+    if not text.lstrip().startswith("{") and not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"must be a JSON or config.pbtxt file, or inline JSON; no file {text!r}")
+    return text
+
+
+def _port_or_off(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, or 0 for off; got {value}")
+    return value
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -183,6 +208,7 @@ class Flag:
     help: str
     required: bool = False
     choices: tuple[str, ...] = ()  # the only values accepted, for flags that take a name
+    repeated: str | None = None  # the singular flag given once per value (--model); its env joins them with ","
 
 
 def _choices(field: str, choices: tuple[str, ...], help: str) -> Flag:
@@ -190,8 +216,21 @@ def _choices(field: str, choices: tuple[str, ...], help: str) -> Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("model_name", str, "name the model is served under", required=True),
+    Flag("model_name", str, "name the model is served under (needed unless --model or --model-repository "
+         "names every model)"),
     Flag("model_uri", str, "model file: a path or file:// URI", required=False),
+    Flag("models", _model_entry,
+         "serve another model beside (or instead of) --model-name: NAME=URI, or NAME=package.module:Class for "
+         "a Python handler; give it once per model; each gets its own workers, batcher and share of the memory",
+         repeated="model"),
+    Flag("model_repository", str,
+         "a model repository directory (Triton's layout): each subdirectory is a model named after it, its "
+         "model file in it or in a version directory, its config.pbtxt giving the signature (and the handler of "
+         "a python backend model)"),
+    Flag("signature", _signature,
+         "the model's inputs and outputs (names, datatypes, shapes with -1 for a variable dimension): a JSON "
+         "file or text as in V2 model metadata, or a Triton config.pbtxt; TorchScript and Python handlers "
+         "declare none otherwise, and requests are checked against it"),
     _choices("format", MODEL_FORMATS, "model format (inferred from the extension when not given)"),
     Flag("handler", _handler, "module:Class with load() and predict(inputs), imported only in the workers"),
     Flag("workers", _workers,
@@ -222,6 +261,7 @@ FLAGS: tuple[Flag, ...] = (
          "input tensors this big or bigger travel to workers through shared memory (0 turns it off)"),
     Flag("host", str, "address to listen on"),
     Flag("port", int, "port to listen on"),
+    Flag("grpc_port", _port_or_off, "Open Inference Protocol gRPC port (0 turns gRPC off)"),
     _choices("log_format", LOG_FORMATS, "text or json logs"),
     _choices("log_level", LOG_LEVELS, "log level"),
     Flag("access_log", _bool, "log every request (off by default: it costs throughput)"),
@@ -233,7 +273,8 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settin
 
 
 def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    flag = FLAGS_BY_FIELD.get(field)
+    return "--" + ((flag.repeated if flag and flag.repeated else None) or field).replace("_", "-")
 
 
 def env_name(field: str) -> str:
@@ -247,6 +288,8 @@ def env_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple | list):
+        return ",".join(value)
     return str(value)
 
 
@@ -261,7 +304,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             dest=flag.field,
             type=flag.parse,
             default=None,
-            help=help_text + (f" (default {default})" if default not in (None, "", dataclasses.MISSING) else ""),
+            action="append" if flag.repeated else "store",
+            help=help_text + (f" (default {default})" if default not in (None, "", (), dataclasses.MISSING) else ""),
         )
 
 
@@ -273,21 +317,28 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         if value is None and env_name(flag.field) in os.environ:
             raw = os.environ[env_name(flag.field)]
             try:
-                value = flag.parse(raw)
+                value = ([flag.parse(part) for part in raw.split(",") if part] if flag.repeated
+                         else flag.parse(raw))
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 parser.error(f"{env_name(flag.field)}={raw!r}: {exc}")
+        if flag.repeated and value is not None:
+            value = tuple(value)
         if value is not None:
             values[flag.field] = value
         elif flag.required:
             parser.error(f"{flag_name(flag.field)} (or {env_name(flag.field)}) is required")
     settings = Settings(**values)
-    if not settings.model_uri and not settings.handler:
+    if not settings.model_name and not settings.models and not settings.model_repository:
+        parser.error("--model-name (or FORKLESS_MODEL_NAME) is required unless --model or --model-repository "
+                     "names the models")
+    if settings.model_name and not settings.model_uri and not settings.handler:
         parser.error("--model-uri (or FORKLESS_MODEL_URI) is required unless --handler is given")
     if settings.format == "python" and not settings.handler:
         parser.error("--format python needs --handler module:Class")
     try:
-        settings = resolve_model_directory(settings)
-        settings.resolved_format  # noqa: B018 - validates early, with the reason
+        if settings.model_name:
+            settings = resolve_model_directory(settings)
+            settings.resolved_format  # noqa: B018 - validates early, with the reason
     except ValueError as exc:
         from .termination import MODEL_LOAD_FAILED, report_termination
 

@@ -151,7 +151,7 @@ class _Server:
         self.port = _free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop(), it outlives this call
         argv = [sys.executable, "-m", "forkless_runtime.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", str(config.workers), "--max-batch-size", str(config.max_batch_size),
+                "--grpc-port", "0", "--workers", str(config.workers), "--max-batch-size", str(config.max_batch_size),
                 "--max-batch-delay-ms", f"{config.max_batch_delay_ms:g}", "--log-level", "warning", *serve_args]
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -60,7 +60,7 @@ def served(models: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
     container = rendered_container(models / "mlp.pt")
     env = {e["name"]: e["value"] for e in container["env"]}
     port = free_port()
-    env.update(FORKLESS_HOST="127.0.0.1", FORKLESS_PORT=str(port))
+    env.update(FORKLESS_HOST="127.0.0.1", FORKLESS_PORT=str(port), FORKLESS_GRPC_PORT=str(free_port()))
     # Nothing of this environment leaks in but PATH (to find the command, as the image's PATH does) and HOME.
     base = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": os.environ.get("HOME", "/tmp")}
     process = subprocess.Popen(container["command"], env={**base, **env}, cwd=models)

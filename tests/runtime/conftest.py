@@ -63,6 +63,7 @@ class Server:
     port: int
     log_path: Path
     client: httpx.Client = field(init=False)
+    grpc_port: int = 0
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(base_url=self.url, timeout=30)
@@ -136,11 +137,16 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
     # The test handlers' directory, then whatever the caller's path holds (a checkout under test).
     python_path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     full_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
+    grpc_port = 0
+    if "--grpc-port" not in args and "FORKLESS_GRPC_PORT" not in (env or {}):
+        grpc_port = free_port()  # several servers run at once: none may take the default 8081
+        args = ("--grpc-port", str(grpc_port), *args)
     argv = [*(command or [CLI]), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                    start_new_session=True)
     server = Server(process, port, log_path)
+    server.grpc_port = grpc_port
     if wait:
         wanted = expected_workers(args, full_env)
         server.wait_ready(workers=1 if wanted == "auto" else int(wanted))

@@ -105,9 +105,9 @@ def test_requested_outputs_are_selected_and_unknown_ones_rejected():
 
 
 def test_v1_numbers_become_the_model_datatype():
-    (tensor,) = v1.decode_request(b'{"instances": [[1, 2], [3, 4]]}', [])
+    (tensor,), _ = v1.decode_request(b'{"instances": [[1, 2], [3, 4]]}', [])
     assert tensor.array.dtype == np.float32 and tensor.array.shape == (2, 2)
-    (tensor,) = v1.decode_request(b'{"instances": [[1, 2]]}', [{"name": "ids", "datatype": "INT64", "shape": [-1, 2]}])
+    (tensor,), _ = v1.decode_request(b'{"instances": [[1, 2]]}', [{"name": "ids", "datatype": "INT64", "shape": [-1, 2]}])
     assert tensor.name == "ids" and tensor.array.dtype == np.int64
     with pytest.raises(ProtocolError, match=r"rectangular|same shape"):
         v1.decode_request(b'{"instances": [[1, 2], [3]]}', [])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,15 @@ from ..protocol.tensors import NamedTensor
 class Request:
     """One inference request on its way through the batcher to a worker and back."""
 
-    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "retried", "size", "timer")
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "parameters", "retried", "size", "timer")
 
     def __init__(self, inputs: list[NamedTensor], future: asyncio.Future, batchable: bool,
-                 enqueued: float | None = None) -> None:
+                 enqueued: float | None = None, parameters: dict[str, Any] | None = None,
+                 parameters_key: bytes = b"") -> None:
+        """``parameters``: what the handler gets with the batch; only requests whose ``parameters_key``
+        (the parameters, serialized) are equal ride together."""
         self.inputs = inputs
+        self.parameters = parameters
         self.future = future
         self.enqueued = time.perf_counter() if enqueued is None else enqueued
         self.retried = False
@@ -39,7 +44,7 @@ class Request:
         size = first.shape[0] if first.ndim else -1
         if batchable and size >= 0 and all(t.array.ndim and t.array.shape[0] == size for t in inputs):
             self.size = size
-            self.key: object = tuple((t.name, t.array.dtype.str, t.array.shape[1:]) for t in inputs)
+            self.key: object = (parameters_key, *((t.name, t.array.dtype.str, t.array.shape[1:]) for t in inputs))
         else:  # a request that cannot be concatenated with others rides alone
             self.size = max(size, 1)
             self.key = object()

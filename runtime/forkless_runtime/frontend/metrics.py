@@ -6,6 +6,7 @@ list costs far less than a locked client library call. Names follow Triton's whe
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
 
@@ -40,6 +41,89 @@ class Histogram:
         return lines
 
 
+def _duration(count: int, seconds: float) -> dict[str, int]:
+    return {"count": count, "ns": int(seconds * 1e9)}
+
+
+class Statistics:
+    """Counts and durations of the statistics extension (`GET /v2/models/{name}/stats`), as Triton
+    reports them: per request for success, failure and the compute phases; per batch size for the
+    executions. Compute input is joining and packing a batch's inputs, compute infer the model's own
+    time in its worker, compute output the rest of the round trip (transport, unpacking)."""
+
+    def __init__(self) -> None:
+        self.success = [0, 0.0]
+        self.fail = [0, 0.0]
+        self.compute = {"compute_input": [0, 0.0], "compute_infer": [0, 0.0], "compute_output": [0, 0.0]}
+        self.by_batch_size: dict[int, list[float]] = {}  # size -> [executions, input s, infer s, output s]
+        self.inference_count = 0  # samples
+        self.execution_count = 0  # batches
+        self.last_inference_ms = 0
+
+    def request_done(self, ok: bool, seconds: float) -> None:
+        entry = self.success if ok else self.fail
+        entry[0] += 1
+        entry[1] += seconds
+
+    def batch_finished(self, requests: int, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        for key, seconds in (("compute_input", input_s), ("compute_infer", infer_s), ("compute_output", output_s)):
+            self.compute[key][0] += requests
+            self.compute[key][1] += seconds * requests
+        row = self.by_batch_size.setdefault(size, [0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += input_s
+        row[2] += infer_s
+        row[3] += output_s
+        self.inference_count += size
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def as_dict(self, name: str, version: str, queue: Histogram) -> dict[str, object]:
+        inference_stats: dict[str, object] = {
+            "success": _duration(int(self.success[0]), self.success[1]),
+            "fail": _duration(int(self.fail[0]), self.fail[1]),
+            "queue": _duration(queue.count, queue.total),
+            **{key: _duration(int(count), seconds) for key, (count, seconds) in self.compute.items()},
+            "cache_hit": _duration(0, 0.0),
+            "cache_miss": _duration(0, 0.0),
+        }
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": inference_stats,
+            "batch_stats": [
+                {"batch_size": size, "compute_input": _duration(int(row[0]), row[1]),
+                 "compute_infer": _duration(int(row[0]), row[2]), "compute_output": _duration(int(row[0]), row[3])}
+                for size, row in sorted(self.by_batch_size.items())
+            ],
+            "memory_usage": [],
+        }
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """Several models' registries as one exposition: each family's HELP and TYPE once, its samples
+    from every model together (Prometheus refuses a family that appears twice)."""
+    if len(texts) == 1:
+        return texts[0]
+    families: dict[str, list[str]] = {}
+    current: list[str] = []
+    for text in texts:
+        for line in text.decode().splitlines():
+            if line.startswith("# HELP "):
+                name = line.split(" ", 3)[2]
+                existing = families.get(name)
+                current = existing if existing is not None else families.setdefault(name, [line])
+            elif line.startswith("# TYPE "):
+                if line not in current:
+                    current.append(line)
+            elif line:
+                current.append(line)
+    return ("\n".join(line for lines in families.values() for line in lines) + "\n").encode()
+
+
 class Metrics:
     def __init__(self, model: str) -> None:
         self.model = model
@@ -51,6 +135,14 @@ class Metrics:
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.worker_restarts = 0
         self.retried_requests = 0
+        self.stats = Statistics()
+
+    def batch_finished(self, requests: int, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        self.stats.batch_finished(requests, size, input_s, infer_s, output_s)
+
+    def statistics(self, version: str = "1") -> dict[str, object]:
+        """This model's entry of the statistics extension, in Triton's shape."""
+        return self.stats.as_dict(self.model, version, self.queue_seconds)
 
     def render(self, queue_depth: int, workers: list[tuple[int, int | None, bool]], gpu_memory: dict[int, int],
                peak_memory: dict[int, int] | None = None) -> bytes:

@@ -180,10 +180,10 @@ def _example_input(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
                         "data": [value] * count}]}
 
 
-def document(model_name: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The OpenAPI 3.0 document of this server, serving `model_name`."""
+def document(model_names: list[str], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.0 document of this server, serving `model_names` (examples from the first's metadata)."""
     name_param = {"name": "name", "in": "path", "required": True,
-                  "description": "the served model's name", "schema": {"type": "string", "enum": [model_name]}}
+                  "description": "the served model's name", "schema": {"type": "string", "enum": model_names}}
     version_param = {"name": "version", "in": "path", "required": True,
                      "description": "any version: one version is served", "schema": {"type": "string", "pattern": "^[^/]+$"}}
     example = _example_input(metadata)
@@ -226,7 +226,7 @@ def document(model_name: str, metadata: dict[str, Any] | None = None) -> dict[st
     return {
         "openapi": "3.0.3",
         "info": {"title": "forkless-runtime", "version": __version__,
-                 "description": f"KServe V1 and Open Inference Protocol V2 for the model {model_name!r}."},
+                 "description": f"KServe V1 and Open Inference Protocol V2 for the model(s) {', '.join(model_names)}."},
         "paths": {
             "/v2": {"get": {"summary": "Server metadata", "responses": {
                 "200": {"description": "server metadata", "content": _json(_ref("ServerMetadata"))}}}},

@@ -22,6 +22,8 @@ import uvicorn
 from ..settings import Settings
 from ..termination import load_failure_reason, report_termination
 from .app import App
+from .grpc_server import GrpcServer
+from .models import served_settings
 
 log = logging.getLogger("forkless.frontend")
 
@@ -62,8 +64,18 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> int:
-    """Serve until drained (exit 0) or the model proves unloadable (exit 1)."""
-    app = App(settings)
+    """Serve until drained (exit 0) or a model proves unloadable (exit 1)."""
+    try:
+        models = served_settings(settings)
+    except ValueError as error:
+        log.error("%s", error)
+        report_termination(load_failure_reason(str(error)), str(error))
+        return 1
+    app = App(settings, models)
+    if settings.grpc_port:
+        grpc = GrpcServer(app, settings.host, settings.grpc_port, app.max_body)
+        app.on_started = grpc.start
+        app.on_stopping = grpc.stop
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -20,6 +20,10 @@ class PoolMetrics(Protocol):
     retried_requests: int
     worker_restarts: int
 
+    def batch_finished(self, requests: int, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """A batch of ``requests`` requests and ``size`` samples came back: seconds joining and packing its inputs, in the model (the worker's own
+        measure), and the rest of the round trip (transport both ways and unpacking the outputs)."""
+
 
 class _Discard:
     def observe(self, value: float) -> None:
@@ -31,3 +35,6 @@ class NullMetrics:
         self.queue_seconds = self.inference_seconds = self.batch_size = _Discard()
         self.retried_requests = 0
         self.worker_restarts = 0
+
+    def batch_finished(self, requests: int, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        pass

@@ -99,7 +99,7 @@ class _Channel(asyncio.Protocol):
 
 
 class _Batch:
-    __slots__ = ("allocations", "id", "requests", "sent", "size")
+    __slots__ = ("allocations", "id", "input_s", "requests", "sent", "size")
 
     def __init__(self, batch_id: int, requests: list[Request], allocations: list[int], size: int) -> None:
         self.id = batch_id
@@ -107,6 +107,7 @@ class _Batch:
         self.allocations = allocations
         self.size = size
         self.sent = time.perf_counter()
+        self.input_s = 0.0  # joining and packing the inputs
 
 
 class Worker:
@@ -152,8 +153,10 @@ class ModelSettingsRefused(RuntimeError):
 
 class WorkerPool:
     def __init__(self, settings: Settings, batcher: Batcher, metrics: PoolMetrics,
-                 on_fatal: Callable[[str], None]) -> None:
+                 on_fatal: Callable[[str], None], models_sharing: int = 1) -> None:
+        """``models_sharing``: how many models (each its own pool) share this pod's CPUs and GPUs."""
         self.settings = settings
+        self.models_sharing = models_sharing
         self.batcher = batcher
         self.metrics = metrics
         self.on_fatal = on_fatal
@@ -182,6 +185,9 @@ class WorkerPool:
         if problem:
             raise ModelSettingsRefused(problem)
         if settings.workers == "auto":
+            if self.models_sharing > 1:
+                raise ModelSettingsRefused("--workers auto measures one model alone; with several models "
+                                           "give --workers a number")
             self.auto_pending = True
             return [self._spec(0, 1, settings.gpu_memory_fraction, 1)]
         count = int(settings.workers or max(1, len(gpus)))
@@ -197,8 +203,8 @@ class WorkerPool:
             handler=settings.handler,
             device=self.device,
             gpu=gpus[slot % len(gpus)] if gpus else None,
-            workers_on_gpu=workers_on_gpu,
-            threads=settings.threads_per_worker or default_threads(count),
+            workers_on_gpu=workers_on_gpu * self.models_sharing,
+            threads=settings.threads_per_worker or default_threads(count * self.models_sharing),
             gpu_memory_fraction=fraction if gpus else None,
             ring_name=None,
             ring_size=RING_BYTES,
@@ -207,6 +213,7 @@ class WorkerPool:
             precision=settings.precision,
             input_shapes=settings.input_shapes,
             max_batch_size=settings.max_batch_size,
+            signature=settings.signature,
         )
 
     def _add_worker(self, spec: WorkerSpec) -> Worker:
@@ -340,6 +347,7 @@ class WorkerPool:
         batch_id = self._next_batch
         if worker.ring is not None and not worker.inflight:
             worker.ring.reset()
+        packing = time.perf_counter()
         try:
             descriptions, payload, allocations = pack_tensors(concatenate(requests), worker.ring)
         except Exception as exc:  # inputs that cannot be joined: fail these requests, keep serving
@@ -348,6 +356,7 @@ class WorkerPool:
             return
         size = sum(r.size for r in requests)
         batch = _Batch(batch_id, requests, allocations, size)
+        batch.input_s = batch.sent - packing
         worker.inflight[batch_id] = batch
         worker.samples_in_flight += size
         worker.last_used = batch.sent
@@ -357,7 +366,7 @@ class WorkerPool:
         self.metrics.batch_size.observe(size)
         deadlines = [r.deadline for r in requests]
         deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
-        worker.channel.send(infer_message(batch_id, descriptions, payload, deadline))
+        worker.channel.send(infer_message(batch_id, descriptions, payload, deadline, requests[0].parameters))
 
     # --- frames from workers -----------------------------------------------------------------
     def _on_frame(self, worker: Worker, frame: bytes) -> None:
@@ -374,7 +383,10 @@ class WorkerPool:
                 worker.record_batch_time(header["busy_s"])
             if batch is not None:
                 worker.samples_in_flight -= batch.size
-                self.metrics.inference_seconds.observe(time.perf_counter() - batch.sent)
+                round_trip = time.perf_counter() - batch.sent
+                self.metrics.inference_seconds.observe(round_trip)
+                busy = header.get("busy_s") or 0.0
+                self.metrics.batch_finished(len(batch.requests), batch.size, batch.input_s, busy, max(0.0, round_trip - busy))
                 if kind == OK:
                     worker.crashes = 0
                     self._resolve(batch, unpack_tensors(header["outputs"], inline, None))
@@ -462,6 +474,9 @@ class WorkerPool:
             self.pump()
         if not was_ready and worker.last_error is None:  # died before it could even report
             worker.load_failures += 1
+            if worker.process is not None and worker.process.exitcode is None:
+                # Its socket closes a moment before the kernel lets it be reaped; only load failures wait here.
+                worker.process.join(0.5)
             worker.last_error = died_while_loading(worker.process.exitcode if worker.process else None)
         if was_ready:
             worker.crashes += 1

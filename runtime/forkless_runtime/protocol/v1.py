@@ -8,11 +8,12 @@ import numpy as np
 import orjson
 
 from .tensors import NamedTensor, ProtocolError, dtype_of
-from .v2 import parse_json
+from .v2 import handler_parameters, parse_json
 
 
-def decode_request(body: bytes, declared: list[dict[str, Any]]) -> list[NamedTensor]:
-    """V1 instances become one batched tensor of the model's input datatype (FP32 when unknown).
+def decode_request(body: bytes, declared: list[dict[str, Any]]) -> tuple[list[NamedTensor], dict[str, Any] | None]:
+    """V1 instances become one batched tensor of the model's input datatype (FP32 when unknown); a
+    `parameters` object beside them reaches a handler that asks for parameters.
 
     JSON has no float/int distinction a client controls (`[1, 2]` parses as integers), and most
     models take FP32, so numbers become FP32 unless the model's metadata names another type.
@@ -40,7 +41,10 @@ def decode_request(body: bytes, declared: list[dict[str, Any]]) -> list[NamedTen
         array = flat.reshape(array.shape)
     else:
         raise ProtocolError("instances must be numbers, booleans or strings, all of the same shape")
-    return [NamedTensor(spec.get("name", "input-0"), array)]
+    parameters = payload.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be an object of name: value")
+    return [NamedTensor(spec.get("name", "input-0"), array)], handler_parameters(parameters, {})
 
 
 def _jsonable(array: np.ndarray) -> Any:

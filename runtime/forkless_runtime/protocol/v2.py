@@ -31,12 +31,30 @@ class RequestedOutput:
     binary: bool | None
 
 
+# Parameters the protocol itself defines: they steer the codec and never reach a handler.
+RESERVED_PARAMETERS = frozenset({"binary_data_output", "binary_data_size", "binary_data", "classification",
+                                 "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"})
+
+
 @dataclass(slots=True)
 class InferRequest:
     id: str | None
     inputs: list[NamedTensor]
     outputs: list[RequestedOutput] | None
     binary_output: bool
+    parameters: dict[str, Any] | None = None  # {"request": {...}, "inputs": {name: {...}}}, None when none sent
+
+
+def handler_parameters(request_level: Any, by_input: dict[str, Any]) -> dict[str, Any] | None:
+    """The parameters a handler sees: the request's and each input's, less the protocol's own."""
+    request = {k: v for k, v in request_level.items() if k not in RESERVED_PARAMETERS} if isinstance(
+        request_level, dict) else {}
+    inputs = {name: {k: v for k, v in params.items() if k not in RESERVED_PARAMETERS}
+              for name, params in by_input.items() if isinstance(params, dict)}
+    inputs = {name: params for name, params in inputs.items() if params}
+    if not request and not inputs:
+        return None
+    return {"request": request, "inputs": inputs}
 
 
 def parse_json(body: bytes | memoryview) -> Any:
@@ -124,6 +142,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         raise ProtocolError("'inputs' must be a non-empty list of tensors")
 
     inputs: list[NamedTensor] = []
+    tensor_parameters: dict[str, Any] = {}
     offset = 0
     for index, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
@@ -136,6 +155,10 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             raise ProtocolError(f"input {name!r} needs a 'datatype'")
         shape = _shape(raw.get("shape"), name)
         params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError(f"input {name!r}: 'parameters' must be an object of name: value")
+        if params:
+            tensor_parameters[name] = params
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
             if not isinstance(size, int) or size < 0:
@@ -155,6 +178,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         raise ProtocolError(f"{len(binary) - offset} binary bytes follow the header that no input claims")
 
     params = header.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object of name: value")
     binary_output = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outputs: list[RequestedOutput] | None = None
     raw_outputs = header.get("outputs")
@@ -174,6 +199,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         inputs=inputs,
         outputs=outputs,
         binary_output=binary_output,
+        parameters=handler_parameters(params, tensor_parameters),
     )
 
 

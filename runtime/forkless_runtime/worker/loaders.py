@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..precision import precision_problem
+from ..protocol import signature as signature_
 from ..protocol.tensors import DTYPE_TO_DATATYPE, NamedTensor
 from ..settings import HANDLER_PATTERN
 from . import precision as precision_
@@ -32,27 +33,35 @@ HANDLER_RE = re.compile(HANDLER_PATTERN)
 @dataclass
 class TensorSpec:
     name: str
-    datatype: str  # "" when the format does not say (TorchScript)
+    datatype: str
     shape: list[int]  # -1 for a dynamic dimension
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
 
 
+# inputs, and the request's parameters (handlers that ask for them get them; models ignore them)
+Predict = Callable[..., list[NamedTensor]]
+
+
 @dataclass
 class LoadedModel:
     platform: str
-    predict: Callable[[list[NamedTensor]], list[NamedTensor]]
+    predict: Predict
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     batchable: bool = True
     notes: list[str] = field(default_factory=list)
     precision: str = "fp32"
     warm_up: dict[str, Any] = field(default_factory=dict)  # what the warm-up measured, or why it did not run
+    # Where inputs/outputs come from: "model" (the file records them), "declared" (--signature, a
+    # config.pbtxt, the handler's class) or "assumed" (TorchScript without one: FP32, any shape).
+    signature: str = "model"
 
     def metadata(self) -> dict[str, Any]:
         return {
             "platform": self.platform,
+            "signature": self.signature,
             "precision": self.precision,
             "warm_up": self.warm_up,
             "inputs": [t.as_dict() for t in self.inputs],
@@ -169,13 +178,16 @@ def load_torchscript(path: str, device: str, precision: str = "fp32") -> LoadedM
     module = torch.jit.load(path, map_location=device)
     module.eval()
     arguments = [arg.name for arg in module.forward.schema.arguments[1:]]
-    inputs = [TensorSpec(name, "", [-1]) for name in arguments]
+    # TorchScript records argument names only: FP32 of any shape is assumed until a signature says more.
+    inputs = [TensorSpec(name, "FP32", [-1]) for name in arguments]
     notes: list[str] = []
     if precision == "int8":
         module, note = precision_.quantize_torchscript(module)
         notes.append(note)
-    return LoadedModel("pytorch_torchscript", _torch_predict(module, inputs, device, precision), inputs,
-                       [TensorSpec("output-0", "", [-1])], notes=notes, precision=precision)
+    model = LoadedModel("pytorch_torchscript", lambda tensors, parameters=None: [], inputs,
+                        [TensorSpec("output-0", "FP32", [-1])], notes=notes, precision=precision, signature="assumed")
+    model.predict = _torch_predict(module, model, device, precision)
+    return model
 
 
 def load_torch_export(path: str, device: str, precision: str = "fp32") -> LoadedModel:
@@ -206,8 +218,9 @@ def load_torch_export(path: str, device: str, precision: str = "fp32") -> Loaded
         datatype = _torch_datatype(value.dtype) if value is not None else ""
         outputs.append(TensorSpec(f"output-{index}", datatype, shape))
     module = program.module().to(device)
-    model = LoadedModel("pytorch_export", _torch_predict(module, inputs, device, precision), inputs, outputs, batchable,
+    model = LoadedModel("pytorch_export", lambda tensors, parameters=None: [], inputs, outputs, batchable,
                         precision=precision)
+    model.predict = _torch_predict(module, model, device, precision)
     if not batchable:
         model.notes.append(
             "exported with a fixed batch dimension: requests run one at a time "
@@ -216,8 +229,9 @@ def load_torch_export(path: str, device: str, precision: str = "fp32") -> Loaded
     return model
 
 
-def _torch_predict(module: Any, inputs: list[TensorSpec], device: str,
-                   precision: str = "fp32") -> Callable[[list[NamedTensor]], list[NamedTensor]]:
+def _torch_predict(module: Any, model: LoadedModel, device: str, precision: str = "fp32") -> Predict:
+    """The model's forward on numpy tensors; reads ``model``'s inputs and outputs at call time, so a
+    signature declared after loading orders the inputs and names the outputs."""
     import torch
 
     call = module
@@ -225,12 +239,12 @@ def _torch_predict(module: Any, inputs: list[TensorSpec], device: str,
         module = precision_.cast_torch_module(module, precision)
         call = precision_.cast_calls(module, precision)
 
-    def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
-        ordered = arrange_inputs(tensors, inputs)
+    def predict(tensors: list[NamedTensor], parameters: dict[str, Any] | None = None) -> list[NamedTensor]:
+        ordered = arrange_inputs(tensors, model.inputs)
         with torch.inference_mode():
             args = [torch.from_numpy(t.array).to(device, non_blocking=True) for t in ordered]
             result = call(*args)
-        return name_outputs(result)
+        return name_outputs(result, model.outputs)
 
     return predict
 
@@ -269,7 +283,7 @@ def load_onnx(path: str, device: str, threads: int, precision: str = "fp32") -> 
     batchable = all(t.shape and t.shape[0] == -1 for t in inputs)
     output_names = [t.name for t in outputs]
 
-    def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
+    def predict(tensors: list[NamedTensor], parameters: dict[str, Any] | None = None) -> list[NamedTensor]:
         ordered = arrange_inputs(tensors, inputs)
         feed = {s.name: t.array for s, t in zip(inputs, ordered, strict=True)}
         return [NamedTensor(n, np.asarray(v)) for n, v in zip(output_names, session.run(output_names, feed), strict=True)]
@@ -319,32 +333,72 @@ def load_python(handler: str, model_path: str, device: str, precision: str = "fp
 
     if hasattr(instance, "load"):
         call(instance.load)
-    declared_in = [TensorSpec(**t) if isinstance(t, dict) else TensorSpec(t, "", [-1]) for t in getattr(cls, "inputs", [])]
-    declared_out = [TensorSpec(**t) if isinstance(t, dict) else TensorSpec(t, "", [-1]) for t in getattr(cls, "outputs", [])]
+    declared_in = [_handler_tensor(t) for t in getattr(cls, "inputs", [])]
+    declared_out = [_handler_tensor(t) for t in getattr(cls, "outputs", [])]
+    model = LoadedModel("python", lambda tensors, parameters=None: [], declared_in, declared_out,
+                        bool(getattr(cls, "batchable", True)), precision=precision,
+                        signature="declared" if declared_in else "assumed")
+    takes = len(inspect.signature(instance.predict).parameters)  # predict(inputs[, parameters[, tensor_parameters]])
 
-    def predict(tensors: list[NamedTensor]) -> list[NamedTensor]:
-        ordered = arrange_inputs(tensors, declared_in)
-        names = [s.name for s in declared_in] if declared_in else [t.name for t in ordered]
-        result = call(instance.predict, {n: t.array for n, t in zip(names, ordered, strict=True)})
-        return name_outputs(result, declared_out)
+    def predict(tensors: list[NamedTensor], parameters: dict[str, Any] | None = None) -> list[NamedTensor]:
+        ordered = arrange_inputs(tensors, model.inputs)
+        names = [s.name for s in model.inputs] if model.inputs else [t.name for t in ordered]
+        request_parameters = dict((parameters or {}).get("request", {}))
+        arguments: list[Any] = [{n: t.array for n, t in zip(names, ordered, strict=True)}]
+        if takes >= 2:
+            arguments.append(request_parameters)
+        if takes >= 3:
+            tensor_parameters = (parameters or {}).get("inputs", {})
+            arguments.append({n: tensor_parameters.get(t.name, {}) for n, t in zip(names, ordered, strict=True)})
+        return name_outputs(call(instance.predict, *arguments), model.outputs)
 
-    return LoadedModel("python", predict, declared_in, declared_out, bool(getattr(cls, "batchable", True)),
-                       precision=precision)
+    model.predict = predict
+    return model
+
+
+def _handler_tensor(declared: Any) -> TensorSpec:
+    """A handler's `inputs`/`outputs` entry: a name (FP32, any shape) or {name, datatype, shape}."""
+    if isinstance(declared, dict):
+        return TensorSpec(declared["name"], declared.get("datatype") or "FP32", list(declared.get("shape", [-1])))
+    return TensorSpec(str(declared), "FP32", [-1])
 
 
 def load_model(fmt: str, model_path: str, handler: str | None, device: str, threads: int,
-               precision: str = "fp32") -> LoadedModel:
+               precision: str = "fp32", signature: str | None = None) -> LoadedModel:
     problem = precision_problem(precision, device, fmt)
     if problem:
         raise ValueError(problem)
+    declared = signature_.load(signature) if signature else None  # a bad file fails before the model loads
     if fmt == "torchscript":
-        return load_torchscript(model_path, device, precision)
-    if fmt == "torch-export":
-        return load_torch_export(model_path, device, precision)
-    if fmt == "onnx":
-        return load_onnx(model_path, device, threads, precision)
-    if fmt == "python":
+        model = load_torchscript(model_path, device, precision)
+    elif fmt == "torch-export":
+        model = load_torch_export(model_path, device, precision)
+    elif fmt == "onnx":
+        model = load_onnx(model_path, device, threads, precision)
+    elif fmt == "python":
         if not handler:
             raise ValueError("format 'python' needs a handler (module:Class)")
-        return load_python(handler, model_path, device, precision)
-    raise ValueError(f"unknown model format {fmt!r}")
+        model = load_python(handler, model_path, device, precision)
+    else:
+        raise ValueError(f"unknown model format {fmt!r}")
+    if declared is not None:
+        apply_signature(model, declared)
+    elif model.signature == "assumed" and model.inputs:
+        model.notes.append(f"{model.platform} records no datatypes or shapes: FP32 of any shape is assumed; "
+                           "declare the signature (--signature, or a config.pbtxt beside the model) to have "
+                           "requests checked")
+    return model
+
+
+def apply_signature(model: LoadedModel, declared: dict[str, Any]) -> None:
+    """The user's signature replaces what the format recorded; its input count must match the model's."""
+    inputs = [TensorSpec(t["name"], t["datatype"], t["shape"]) for t in declared["inputs"]]
+    if model.inputs and model.platform != "python" and len(inputs) != len(model.inputs):
+        raise ValueError(f"the signature declares {len(inputs)} input(s) but the model takes {len(model.inputs)} "
+                         f"({', '.join(t.name for t in model.inputs)})")
+    model.inputs = inputs
+    if declared["outputs"]:
+        model.outputs = [TensorSpec(t["name"], t["datatype"], t["shape"]) for t in declared["outputs"]]
+    if not all(t.shape and t.shape[0] == -1 for t in inputs):
+        model.batchable = False  # a fixed first dimension: requests cannot be concatenated
+    model.signature = "declared"

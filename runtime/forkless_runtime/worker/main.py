@@ -113,7 +113,8 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
         from .loaders import load_model
         from .warmup import resident_bytes, warm_up
 
-        model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads, spec.precision)
+        model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads, spec.precision,
+                           spec.signature)
         ring = map_ring(spec.ring_name, spec.ring_size) if spec.ring_name else None
         log.info("loaded %s (%s, %s) on %s%s with %d thread(s) in %.2fs", spec.model_path or spec.handler,
                  spec.format, spec.precision, spec.device, f" (GPU {spec.gpu})" if spec.gpu is not None else "",
@@ -163,7 +164,7 @@ def serve(conn: Connection, predict: Any, ring: memoryview | None, spec: WorkerS
             continue
         started = time.perf_counter()
         try:
-            outputs = predict(unpack_tensors(header["inputs"], inline, ring))
+            outputs = predict(unpack_tensors(header["inputs"], inline, ring), header.get("params"))
             reply = ok_message(batch_id, outputs, time.perf_counter() - started, gpu_memory_bytes(spec))
         except Exception as exc:  # the model raised: answer 500 with the message, keep serving
             log.warning("batch %s failed: %s", batch_id, "".join(traceback.format_exception_only(exc)).strip())
