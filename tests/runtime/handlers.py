@@ -93,3 +93,33 @@ class GpuHog:
         block = self.torch.empty(int(float(gib.reshape(-1)[0]) * 2**30), dtype=self.torch.uint8, device="cuda")
         del block
         return np.ones((gib.shape[0], 1), dtype=np.float32)
+
+
+class TritonSimple:
+    """Triton's `simple` example model: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 (INT32, 16 wide);
+    its signature comes from the config.pbtxt beside it in the test's model repository."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"OUTPUT0": inputs["INPUT0"] + inputs["INPUT1"], "OUTPUT1": inputs["INPUT0"] - inputs["INPUT1"]}
+
+
+class TritonSimpleString:
+    """Triton's `simple_string`: the same sums on numbers written as strings (BYTES in, BYTES out)."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        first = inputs["INPUT0"].astype(np.bytes_).astype(np.int64)
+        second = inputs["INPUT1"].astype(np.bytes_).astype(np.int64)
+        as_bytes = np.vectorize(lambda value: str(value).encode(), otypes=[object])
+        return {"OUTPUT0": as_bytes(first + second), "OUTPUT1": as_bytes(first - second)}
+
+
+class ParameterEcho:
+    """Answers with the request's parameters and each input's, as JSON text: proves they reach a handler."""
+
+    batchable = False
+
+    def predict(self, inputs: dict[str, np.ndarray], parameters: dict, tensor_parameters: dict) -> np.ndarray:
+        import json
+
+        return np.array([json.dumps({"request": parameters, "inputs": tensor_parameters}, sort_keys=True).encode()],
+                        dtype=object)
