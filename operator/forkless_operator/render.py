@@ -9,6 +9,7 @@ are exactly what one runs locally to reproduce a pod.
 
 from __future__ import annotations
 
+import json
 import math
 import posixpath
 from decimal import Decimal
@@ -30,6 +31,7 @@ from forkless_operator.settings import Settings, get_settings
 from forkless_operator.spec import API_VERSION, KIND, OPERATOR_DRAIN_DELAY_S, InferenceService
 
 HTTP_PORT = 8080
+GRPC_PORT = 8081  # KServe's and the runtime's default
 SERVICE_PORT = 80
 MODEL_MOUNT_PATH = "/mnt/models"
 # The cache volume, at the same path in the init container (writes) and the runtime (reads the links).
@@ -192,8 +194,11 @@ def model_source(
 # tests/operator/test_contract.py holds this to the runtime's settings table in both directions,
 # renders every field through the runtime's own parser, and docs/operator.md shows it.
 RUNTIME_SETTING_SOURCES: dict[str, str] = {
-    "model_name": "spec.model.name (default metadata.name)",
+    "model_name": "spec.model.name (default metadata.name; none for a repository)",
     "model_uri": "spec.model.uri (a pvc:// model becomes the mounted path, a downloaded one the file or directory it lands in)",
+    "models": "operator: none (a repository names several models)",
+    "model_repository": "spec.model.repository (the uri's path when true)",
+    "signature": "spec.model.signature (as JSON)",
     "format": "spec.model.format",
     "handler": "spec.model.handler",
     "workers": "spec.runtime.workers (default one per GPU, else 1; auto decided in the pod)",
@@ -214,6 +219,7 @@ RUNTIME_SETTING_SOURCES: dict[str, str] = {
     "shm_threshold_kb": "spec.runtime.sharedMemoryThresholdKilobytes",
     "host": "operator: 0.0.0.0",
     "port": f"operator: {HTTP_PORT}, the container port the probes and the Service use",
+    "grpc_port": f"spec.runtime.grpc ({GRPC_PORT}, the container and Service port named grpc; 0 when false)",
     "log_format": "spec.runtime.logFormat (default: the operator's FORKLESS_OPERATOR_LOG_FORMAT, the chart's defaults.runtimeLogFormat)",
     "log_level": "spec.runtime.logLevel",
     "access_log": "spec.runtime.accessLog",
@@ -227,9 +233,14 @@ def runtime_settings(isvc: InferenceService, settings: Settings | None = None) -
     spec, runtime = isvc.spec, isvc.spec.runtime
     uri, _, _ = model_source(isvc)
     batching = runtime.batching
+    repository = spec.model.repository
+    signature = spec.model.signature
     return {
-        "model_name": isvc.model_name,
-        "model_uri": uri,
+        "model_name": None if repository else isvc.model_name,
+        "model_uri": None if repository else uri,
+        "models": None,
+        "model_repository": uri.removeprefix("file://") if repository else None,
+        "signature": json.dumps(signature.model_dump(mode="json"), separators=(",", ":")) if signature else None,
         "format": spec.model.format,
         "handler": spec.model.handler,
         "workers": spec.workers,
@@ -250,6 +261,7 @@ def runtime_settings(isvc: InferenceService, settings: Settings | None = None) -
         "shm_threshold_kb": runtime.shared_memory_threshold_kilobytes,
         "host": "0.0.0.0",
         "port": HTTP_PORT,
+        "grpc_port": GRPC_PORT if runtime.grpc else 0,
         "log_format": runtime.log_format or settings.log_format,
         "log_level": runtime.log_level,
         "access_log": runtime.access_log,
@@ -267,6 +279,22 @@ def runtime_env(isvc: InferenceService, settings: Settings | None = None) -> lis
     ]
     env += [e.model_dump(by_alias=True, exclude_none=True) for e in isvc.spec.runtime.env]
     return env
+
+
+def container_ports(isvc: InferenceService) -> list[dict[str, Any]]:
+    ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    if isvc.spec.runtime.grpc:
+        ports.append({"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"})
+    return ports
+
+
+def service_ports(isvc: InferenceService) -> list[dict[str, Any]]:
+    """http, and grpc (cleartext HTTP/2: `appProtocol` tells meshes and gateways so) unless turned off."""
+    ports = [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}]
+    if isvc.spec.runtime.grpc:
+        ports.append({"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                      "appProtocol": "kubernetes.io/h2c"})
+    return ports
 
 
 def drain_delay_s(isvc: InferenceService) -> float:
@@ -348,7 +376,7 @@ def render_deployment(isvc: InferenceService, settings: Settings | None = None,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["forkless-runtime", "serve"],
         "env": runtime_env(isvc, settings),
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": container_ports(isvc),
         # Ready only once every worker has loaded the model: the startup probe uses readiness.
         "startupProbe": _http_probe("/v2/health/ready", STARTUP_PROBE_PERIOD_S, STARTUP_PROBE_FAILURES),
         "readinessProbe": _http_probe("/v2/health/ready", 5, 3),
@@ -436,7 +464,7 @@ def render_service(isvc: InferenceService, settings: Settings | None = None) -> 
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(isvc),
-            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": service_ports(isvc),
         },
     }
 

@@ -14,7 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from forkless_runtime.settings import DEFAULTS, FLAGS, HANDLER_PATTERN, env_name, env_value, flag_name
+from forkless_runtime.settings import (
+    DATATYPES,
+    DEFAULTS,
+    FLAGS,
+    HANDLER_PATTERN,
+    env_name,
+    env_value,
+    flag_name,
+)
 from forkless_runtime.storage import uris
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -149,6 +157,16 @@ def parse_uri_scheme(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+REPOSITORY_RULE = Rule(
+    rule="!has(self.repository) || !self.repository || (!has(self.name) && !has(self.format) && "
+         "!has(self.handler) && !has(self.signature) && !has(self.inputShapes))",
+    message="a model repository names its models in its directories: leave name, format, handler, signature "
+            "and inputShapes out (each model's config.pbtxt gives them)",
+    holds=lambda m: not m.repository or (m.name is None and m.format is None and m.handler is None
+                                         and m.signature is None and m.input_shapes is None),
+)
+
+
 class ModelCacheSpec(_Model):
     """Where downloads are kept between pods."""
 
@@ -163,6 +181,31 @@ class ModelCacheSpec(_Model):
             "(ETags, or the Hugging Face commit): a second pod, a restart or a scale-up downloads nothing, "
             "and a new version of the model is downloaded beside the old one."
         ),
+    )
+
+
+class TensorSignature(_Model):
+    """One tensor of a model's signature, as V2 model metadata reports it."""
+
+    name: str = Field(..., min_length=1, max_length=256, description="The tensor's name, as clients send it.")
+    datatype: Literal[DATATYPES] = Field(  # type: ignore[valid-type]
+        ..., description="Open Inference Protocol datatype, e.g. FP32, INT64, BYTES.")
+    shape: list[Annotated[int, Field(ge=-1, le=1_000_000_000)]] = Field(
+        ..., max_length=16, description="Sizes, the batch dimension first; -1 where any size goes.",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
+
+
+class ModelSignature(_Model):
+    """The model's inputs and outputs: requests are checked against them before they are queued."""
+
+    inputs: list[TensorSignature] = Field(
+        ..., min_length=1, max_length=64, description="The model's inputs, in order.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    outputs: list[TensorSignature] = Field(
+        default_factory=list, max_length=64, description="The model's outputs; their names label the answers.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
 
 
@@ -226,8 +269,26 @@ class ModelSpec(_Model):
         ),
         json_schema_extra={"x-kubernetes-list-type": "atomic"},
     )
+    signature: ModelSignature | None = Field(
+        default=None,
+        description=(
+            "The model's inputs and outputs (names, datatypes, shapes). TorchScript files and Python handlers "
+            "record none: with it, a request of the wrong shape, datatype or names gets a 400 naming the tensor "
+            "instead of a model error, and metadata reports them. forkless-runtime --signature."
+        ),
+    )
+    repository: bool = Field(
+        default=False,
+        description=(
+            "The uri is a model repository in Triton's layout: every subdirectory is a model named after it "
+            "(its file in it or in a version directory, its signature and a python backend's handler in its "
+            "config.pbtxt), and every pod serves them all. name, format, handler, inputShapes and signature "
+            "then come from each model's directory. forkless-runtime --model-repository."
+        ),
+    )
 
-    model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE, CACHE_NEEDS_DOWNLOAD_RULE))
+    model_config = ConfigDict(json_schema_extra=validations(PYTHON_HANDLER_RULE, CACHE_NEEDS_DOWNLOAD_RULE,
+                                                            REPOSITORY_RULE))
 
     @field_validator("uri")
     @classmethod
@@ -240,6 +301,7 @@ class ModelSpec(_Model):
     def _handler_rule(self) -> ModelSpec:
         PYTHON_HANDLER_RULE.check(self)
         CACHE_NEEDS_DOWNLOAD_RULE.check(self)
+        REPOSITORY_RULE.check(self)
         return self
 
 
@@ -417,6 +479,14 @@ class RuntimeSpec(_Model):
     )
     log_level: Literal["debug", "info", "warning", "error"] | None = Field(
         default=None, description="Log level of the runtime. " + runtime_default("log_level")
+    )
+    grpc: bool = Field(
+        default=True,
+        description=(
+            "Serve the Open Inference Protocol over gRPC too, on container and Service port 8081 named grpc "
+            "(appProtocol kubernetes.io/h2c), for tritonclient.grpc and KServe's gRPC clients. "
+            "forkless-runtime --grpc-port (0 when false)."
+        ),
     )
     access_log: bool | None = Field(
         default=None, description="Log every request (it costs throughput). " + runtime_default("access_log")

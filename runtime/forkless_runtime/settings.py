@@ -33,6 +33,9 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # package.module:ClassName, ASCII identifiers; the CRD validates handler strings with this pattern too.
+# The Open Inference Protocol's tensor datatypes (protocol/tensors.py maps them to numpy; here for the CRD).
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+             "FP64", "BYTES")
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 

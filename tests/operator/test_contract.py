@@ -48,7 +48,7 @@ CRD = yaml.safe_load((ROOT / "crds" / CRD_FILENAME).read_text())
 SPEC_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 SETTINGS = Settings()
 # What the operator sets where the spec says nothing, as the sources table documents it.
-OPERATOR_VALUES = {"device": None, "host": "0.0.0.0", "port": 8080}
+OPERATOR_VALUES = {"device": None, "host": "0.0.0.0", "port": 8080, "models": ()}
 # Spec defaults that are not the runtime's, each documented in its source and the CRD.
 DOCUMENTED_DEFAULTS = {"max_batch_size": 1, "drain_delay_s": OPERATOR_DRAIN_DELAY_S, "log_format": SETTINGS.log_format}
 
@@ -184,7 +184,20 @@ def test_every_spec_field_reaches_the_runtime_through_its_own_parser(spec: dict[
                 want = "cuda" if spec["resources"]["gpus"] > 0 else "cpu"
         else:
             value = lookup(spec, path)
-            if field == "model_name":
+            repository = bool(lookup(spec, ["model", "repository"]))
+            if field in ("model_name", "model_uri") and repository:
+                want = "" if field == "model_uri" else None  # each model's directory names it
+                got = got or None if field == "model_name" else got
+            elif field == "model_repository":
+                want = spec["model"]["uri"].removeprefix("file://") if repository else None
+                if repository and want.startswith(("pvc://", "s3://", "gs://", "hf://", "http")):
+                    want = runtime_settings(service, SETTINGS)["model_repository"]
+            elif field == "signature":
+                want = None if value is None else json.dumps(service.spec.model.signature.model_dump(mode="json"),
+                                                             separators=(",", ":"))
+            elif field == "grpc_port":
+                want = 0 if value is False else 8081
+            elif field == "model_name":
                 want = value or service.metadata.name
             elif field == "model_uri":
                 want = runtime_settings(service, SETTINGS)["model_uri"]  # mounted or downloaded: below
@@ -224,7 +237,8 @@ DEFAULT_TEXT = re.compile(r"Default (\S+) \(forkless-runtime (--[a-z0-9-]+)\)\."
 # own identity, a schema default (startMethod), a computed default (workers, threads), none at all
 # (a GPU memory cap), or the operator's configuration (logFormat).
 NO_STATED_DEFAULT = {"model_name", "model_uri", "format", "handler", "workers", "start_method",
-                     "threads_per_worker", "gpu_memory_fraction", "input_shapes", "log_format"}
+                     "threads_per_worker", "gpu_memory_fraction", "input_shapes", "log_format",
+                     "model_repository", "signature", "grpc_port"}
 
 
 def test_defaults_stated_in_the_crd_are_the_runtimes_or_documented_as_the_operators() -> None:

@@ -84,7 +84,7 @@ def test_every_rule_is_in_the_crd_where_it_belongs() -> None:
         ".spec": [spec.REPLICAS_OR_AUTOSCALING_RULE, spec.AUTOSCALING_NEEDS_CPU_RULE,
                   spec.GPU_FRACTION_NEEDS_GPUS_RULE, spec.GPU_FRACTION_FITS_RULE, spec.FP16_NEEDS_GPUS_RULE,
                   spec.INT8_ON_CPU_RULE, spec.INT8_NOT_EXPORTED_RULE],
-        ".spec.model": [spec.PYTHON_HANDLER_RULE, spec.CACHE_NEEDS_DOWNLOAD_RULE],
+        ".spec.model": [spec.PYTHON_HANDLER_RULE, spec.CACHE_NEEDS_DOWNLOAD_RULE, spec.REPOSITORY_RULE],
         ".spec.model.uri": [spec.URI_SCHEME_RULE, *spec.URI_FORM_RULES],
         ".spec.runtime.workers": list(spec.WORKERS_RULES),
         ".spec.runtime.startMethod": [spec.NO_FORK_RULE, spec.START_METHOD_RULE],

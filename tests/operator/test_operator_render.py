@@ -69,10 +69,12 @@ def test_cpu_example_deployment_env_and_command() -> None:
         "FORKLESS_DRAIN_DELAY_S": "5",
         "FORKLESS_HOST": "0.0.0.0",
         "FORKLESS_PORT": "8080",
+        "FORKLESS_GRPC_PORT": "8081",
         "FORKLESS_LOG_FORMAT": "json",
     }
     assert container["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
-    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                                  {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     startup = container["startupProbe"]
@@ -162,12 +164,24 @@ def test_autoscaled_leaves_replicas_to_the_hpa() -> None:
     assert pdb is not None and pdb["spec"]["maxUnavailable"] == 1
 
 
+def test_grpc_turned_off_leaves_no_port_and_tells_the_runtime() -> None:
+    isvc = example("mlp-cpu")
+    off = isvc.model_copy(update={"spec": isvc.spec.model_copy(update={
+        "runtime": isvc.spec.runtime.model_copy(update={"grpc": False})})})
+    assert [p["name"] for p in render_service(off, SETTINGS)["spec"]["ports"]] == ["http"]
+    container = render_deployment(off, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert {"name": "FORKLESS_GRPC_PORT", "value": "0"} in container["env"]
+
+
 def test_service() -> None:
     service = render_service(example("mlp-cpu"), SETTINGS)
     assert service["spec"] == {
         "type": "ClusterIP",
         "selector": {"app.kubernetes.io/name": "forkless-runtime", "app.kubernetes.io/instance": "mlp-cpu"},
-        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                  {"name": "grpc", "port": 8081, "targetPort": "grpc", "protocol": "TCP",
+                   "appProtocol": "kubernetes.io/h2c"}],
     }
 
 

@@ -146,3 +146,10 @@ def test_ring_frees_in_order_and_wraps_around():
         assert ring.allocate(2000) is None
     finally:
         ring.close()
+
+
+def test_the_crds_datatypes_are_the_codecs():
+    from forkless_runtime.protocol.tensors import DATATYPE_TO_DTYPE
+    from forkless_runtime.settings import DATATYPES
+
+    assert tuple(DATATYPE_TO_DTYPE) == DATATYPES
