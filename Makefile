@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODELS := .models
 PORT ?= 8080
 
-.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean
+.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean proto
 
 venv: $(VENV)/.installed
 
@@ -67,3 +67,8 @@ reliability: venv
 
 clean:
 	rm -rf $(VENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the gRPC messages from runtime/forkless_runtime/protocol/proto/grpc_service.proto
+# (tests/runtime/test_codecs.py fails when the committed pb2 drifts from the proto).
+proto: venv
+	cd runtime/forkless_runtime/protocol/proto && ../../../../$(PY) -m grpc_tools.protoc -I. --python_out=.. --pyi_out=.. grpc_service.proto

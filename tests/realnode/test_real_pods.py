@@ -279,3 +279,27 @@ def test_a_sigkilled_container_is_restarted_by_the_kubelet_and_serves_again(
     with httpx.Client() as client:
         answers = [infer(client, deployed.url, [[1.0] * 16]).status_code for _ in range(10)]
     assert answers == [200] * 10
+
+
+TRITON_GRPC_CLIENT = """
+import sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+client = grpcclient.InferenceServerClient(sys.argv[1])
+tensor = grpcclient.InferInput("input-0", [2, 16], "FP32")
+tensor.set_data_from_numpy(np.ones((2, 16), dtype=np.float32))
+answer = client.infer(sys.argv[2], [tensor])
+print(client.is_server_ready(), client.is_model_ready(sys.argv[2]), list(answer.as_numpy("output-0").shape))
+"""
+
+
+def test_a_triton_grpc_client_reaches_the_pods_through_the_services_grpc_port(kube: Kube, deployed: Deployed) -> None:
+    service = kube.json("get", "service", NAME, "-n", deployed.namespace)
+    grpc_port = next(port for port in service["spec"]["ports"] if port["name"] == "grpc")
+    assert grpc_port["port"] == 8081 and grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    # tritonclient's protobuf module and the runtime's share a package name: the client runs in its own process.
+    run = subprocess.run([sys.executable, "-c", TRITON_GRPC_CLIENT, f"{service['spec']['clusterIP']}:8081", NAME],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "True", "[2,", "3]"]

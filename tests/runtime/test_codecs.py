@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import orjson
 import pytest
@@ -153,3 +155,94 @@ def test_the_crds_datatypes_are_the_codecs():
     from forkless_runtime.settings import DATATYPES
 
     assert tuple(DATATYPE_TO_DTYPE) == DATATYPES
+
+
+TRITON_CONFIG = """
+name: "simple"  # Triton's example
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] }, { name: "TEXT", data_type: TYPE_STRING, dims: [ -1 ] } ]
+output { name: "OUTPUT0" data_type: TYPE_FP16 dims: [ 4, 4 ] }
+parameters { key: "handler" value: { string_value: "pkg.mod:Class" } }
+"""
+
+
+def test_a_triton_config_gives_the_signature_with_its_batch_dimension():
+    from forkless_runtime.protocol import signature
+
+    config = signature.parse_pbtxt(TRITON_CONFIG)
+    assert config["parameters"]["value"]["string_value"] == "pkg.mod:Class"
+    assert signature.from_model_config(config) == {
+        "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [-1, 16]},
+                   {"name": "TEXT", "datatype": "BYTES", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP16", "shape": [-1, 4, 4]}],
+    }
+    unbatched = signature.from_model_config(signature.parse_pbtxt(TRITON_CONFIG.replace("max_batch_size: 8", "")))
+    assert unbatched["inputs"][0]["shape"] == [16]
+    with pytest.raises(signature.SignatureError, match="TYPE_COMPLEX"):
+        signature.from_model_config(signature.parse_pbtxt('input { name: "x" data_type: TYPE_COMPLEX }'))
+    with pytest.raises(signature.SignatureError, match="ends inside"):
+        signature.parse_pbtxt("input [ { name: ")
+    with pytest.raises(signature.SignatureError, match="unique 'name'"):
+        signature.load('{"inputs": [{"name": "a", "datatype": "FP32"}, {"name": "a", "datatype": "FP32"}]}')
+
+
+def test_requests_are_checked_against_the_signature_by_name_or_a_single_input_by_position():
+    from forkless_runtime.protocol.signature import check_request
+
+    declared = [{"name": "a", "datatype": "FP32", "shape": [-1, 2]}, {"name": "b", "datatype": "INT64", "shape": [-1]}]
+    assert check_request([("b", "INT64", (3,)), ("a", "FP32", (3, 2))], declared) == [1, 0]
+    for sent, message in [([("a", "FP32", (3, 2))], "missing input 'b'"),
+                          ([("a", "FP32", (3, 2)), ("c", "INT64", (3,))], "unknown input 'c'"),
+                          ([("a", "FP64", (3, 2)), ("b", "INT64", (3,))], "expects FP32, got FP64"),
+                          ([("a", "FP32", (3, 3)), ("b", "INT64", (3,))], "expects shape [-1, 2], got [3, 3]")]:
+        with pytest.raises(ProtocolError, match=re.escape(message)):
+            check_request(sent, declared)
+    assert check_request([("input-0", "FP32", (1, 2))], declared[:1]) is None  # KServe's single input, any name
+
+
+def test_grpc_requests_decode_from_raw_and_typed_contents_and_answer_raw():
+    from forkless_runtime.protocol import grpc_service_pb2 as pb
+    from forkless_runtime.protocol import grpc_v2
+
+    request = pb.ModelInferRequest(model_name="m", id="r")
+    request.inputs.add(name="a", datatype="INT32", shape=[2, 2]).contents.int_contents.extend([1, 2, 3, 4])
+    request.parameters["sequence_id"].int64_param = 7
+    request.parameters["binary_data_output"].bool_param = True  # the protocol's own: never reaches a handler
+    decoded = grpc_v2.decode_request(request)
+    assert decoded.inputs[0].array.tolist() == [[1, 2], [3, 4]] and decoded.inputs[0].datatype == "INT32"
+    assert decoded.parameters == {"request": {"sequence_id": 7}, "inputs": {}}
+    raw = pb.ModelInferRequest(model_name="m")
+    raw.inputs.add(name="h", datatype="FP16", shape=[3])
+    raw.raw_input_contents.append(np.array([1, 2, 3], dtype=np.float16).tobytes())
+    assert grpc_v2.decode_request(raw).inputs[0].array.tolist() == [1, 2, 3]
+    response = grpc_v2.encode_response("m", decoded, [NamedTensor("out", np.arange(3, dtype=np.float32))])
+    assert response.id == "r" and response.outputs[0].shape == [3]
+    assert np.frombuffer(response.raw_output_contents[0], dtype=np.float32).tolist() == [0, 1, 2]
+
+    wrong = pb.ModelInferRequest()
+    wrong.inputs.add(name="a", datatype="FP32", shape=[4]).contents.fp32_contents.extend([1.0])
+    with pytest.raises(ProtocolError, match="needs 4 elements, got 1"):
+        grpc_v2.decode_request(wrong)
+    half = pb.ModelInferRequest()
+    half.inputs.add(name="h", datatype="FP16", shape=[1])
+    with pytest.raises(ProtocolError, match="only in raw_input_contents"):
+        grpc_v2.decode_request(half)
+    short = pb.ModelInferRequest()
+    short.inputs.add(name="a", datatype="FP32", shape=[1])
+    short.inputs.add(name="b", datatype="FP32", shape=[1])
+    short.raw_input_contents.append(b"\0" * 4)
+    with pytest.raises(ProtocolError, match="one per input"):
+        grpc_v2.decode_request(short)
+
+
+def test_the_committed_grpc_messages_are_generated_from_the_proto(tmp_path):
+    """One source: the .proto; `make proto` regenerates the pb2 this test compares against."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    protocol = Path(__file__).resolve().parents[2] / "runtime" / "forkless_runtime" / "protocol"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protocol / 'proto'}", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", "grpc_service.proto"], check=True)
+    for name in ("grpc_service_pb2.py", "grpc_service_pb2.pyi"):
+        assert (tmp_path / name).read_bytes() == (protocol / name).read_bytes(), f"{name} is stale: run make proto"
