@@ -159,3 +159,46 @@ def test_two_models_with_one_name_are_refused(serve, models):
                    wait=False)
     assert server.process.wait(timeout=60) == 1
     assert "model name(s) m given more than once" in server.log()
+
+
+GRPC_UNDER_PRESSURE = """
+import asyncio, sys
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+async def main():
+    client = grpcaio.InferenceServerClient(sys.argv[1])
+    async def one():
+        tensor = grpcaio.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+        try:
+            await client.infer("slow", [tensor])
+            return "OK"
+        except InferenceServerException as error:
+            return f"{error.status()}: {error.message()}"
+    answers = await asyncio.gather(*(one() for _ in range(8)))
+    await client.close()
+    print("\\n".join(answers))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_grpc_requests_meet_the_same_queue_limit_and_timeout_as_http(serve):
+    """One worker busy 1.5 s a request, two queue places, a 2.5 s timeout: of 8 at once one is answered,
+    two wait and time out, five are refused at once; each with its gRPC code and the HTTP message."""
+    server = serve("--model-name", "slow", "--format", "python", "--handler", "handlers:Doubler",
+                   "--max-batch-size", "1", "--max-queue", "2", "--request-timeout-s", "2.5",
+                   env={"TEST_HANDLER_DELAY_S": "1.5"})
+    run = subprocess.run([sys.executable, "-c", GRPC_UNDER_PRESSURE, f"127.0.0.1:{server.grpc_port}"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = run.stdout.splitlines()
+    assert answers.count("OK") == 1, answers
+    full = [a for a in answers if a.startswith("StatusCode.RESOURCE_EXHAUSTED: the queue is full")]
+    late = [a for a in answers if a.startswith("StatusCode.DEADLINE_EXCEEDED: no answer within the request timeout")]
+    assert (len(full), len(late)) == (5, 2), answers
+    assert server.metric("forkless_requests_total") == 8
+    assert server.client.get("/v2/health/ready").status_code == 200

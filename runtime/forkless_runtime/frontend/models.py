@@ -79,7 +79,8 @@ def repository_models(base: Settings, root: str) -> list[Settings]:
         config_path = os.path.join(directory, signature.CONFIG_FILE)
         config = signature.read_config(config_path) if os.path.isfile(config_path) else {}
         handler = _config_parameter(config, "handler")
-        model = base.replace(model_name=str(config.get("name") or name), signature=config_path if config else None)
+        model = base.replace(model_name=str(config.get("name") or name),
+                             signature=config_path if "input" in config else None)
         if config.get("backend") == "python" or handler:
             if not handler or not re.fullmatch(HANDLER_PATTERN, handler):
                 raise ModelSetError(f"{config_path}: a python backend model needs parameters {{ key: \"handler\" "

@@ -188,14 +188,15 @@ def load(text_or_path: str) -> dict[str, Any]:
 
 
 def config_beside(model_file: str, root: str) -> str | None:
-    """The config.pbtxt of a repository layout: beside the model file, or one level up (the model's
-    directory, above its version directory), not above ``root``."""
+    """The config.pbtxt of a repository layout that declares inputs: beside the model file, or one level
+    up (the model's directory, above its version directory), not above ``root``. A config without
+    inputs (Triton fills them in from ONNX and others) leaves the model's own signature."""
     directory = os.path.dirname(os.path.abspath(model_file))
     root = os.path.abspath(root)
     for _ in range(2):
         candidate = os.path.join(directory, CONFIG_FILE)
         if os.path.isfile(candidate):
-            return candidate
+            return candidate if "input" in read_config(candidate) else None
         if directory == root or not directory.startswith(root):
             break
         directory = os.path.dirname(directory)
