@@ -31,6 +31,7 @@ INVALID_EXAMPLES = {
     "fp16-on-cpu.yaml": spec.FP16_NEEDS_GPUS_RULE.message,
     "int8-on-gpu.yaml": spec.INT8_ON_CPU_RULE.message,
     "int8-torch-export.yaml": spec.INT8_NOT_EXPORTED_RULE.message,
+    "repository-with-name.yaml": spec.REPOSITORY_RULE.message,
 }
 
 

@@ -259,4 +259,4 @@ def test_a_wrong_route_on_the_served_model_does_not_call_it_unknown(server, meth
     assert answer.status_code == 404
     assert "unknown model" not in answer.json()["error"], answer.text
     answer = server.client.post("/v2/models/other/infer", json=v2_body(X))
-    assert answer.status_code == 404 and "unknown model 'other'" in answer.json()["error"]
+    assert answer.status_code == 404 and "Request for unknown model: 'other' is not found" in answer.json()["error"]
