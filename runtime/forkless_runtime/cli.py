@@ -204,7 +204,18 @@ def fetch_model(uri: str, destination: str, timeout_s: float, cache: str | None 
 
 
 def check_model(settings: Settings) -> int:
-    """Load the model in a spawned worker exactly as `serve` would, then report and exit."""
+    """Load each model in a spawned worker exactly as `serve` would, one after the other, then report and exit."""
+    from .frontend.models import served_settings
+
+    try:
+        models = served_settings(settings)
+    except ValueError as error:
+        print(f"forkless-runtime check: {error}", file=sys.stderr)
+        return 1
+    return max(_check_one(model) for model in models)
+
+
+def _check_one(settings: Settings) -> int:
     import asyncio
 
     from .batching.batcher import Batcher

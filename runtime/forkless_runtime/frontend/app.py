@@ -52,6 +52,9 @@ class App:
         self.draining = False  # new requests refused
         self.fatal_error: str | None = None
         self.on_fatal: Callable[[], None] | None = None
+        # Set by the server: the gRPC server starts in the lifespan (inside uvicorn's loop) and stops there.
+        self.on_started: Callable[[], Awaitable[None]] | None = None
+        self.on_stopping: Callable[[], Awaitable[None]] | None = None
         self.max_body = int(settings.max_body_mb * 1024 * 1024)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -127,10 +130,6 @@ class App:
                 await self.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-    # Hooks the server sets: the gRPC server starts in the lifespan (inside uvicorn's loop) and stops there.
-    on_started: Callable[[], Awaitable[None]] | None = None
-    on_stopping: Callable[[], Awaitable[None]] | None = None
 
     def model(self, name: str) -> ServedModel:
         model = self.models.get(name)
