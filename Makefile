@@ -58,6 +58,7 @@ bench: venv
 	$(PY) bench/operator_scale.py $(OPERATOR_BENCH_ARGS)
 	$(PY) bench/storage.py $(STORAGE_BENCH_ARGS)
 	$(PY) bench/precision.py $(PRECISION_BENCH_ARGS)
+	$(PY) bench/protocols.py $(PROTOCOLS_BENCH_ARGS)
 
 # Fuzz, soak with worker kills, overload (bench/results/reliability.md; RELIABILITY_ARGS="--duration 600"),
 # then the operator under faults: killed mid-burst, API server restarted, children edited by others.

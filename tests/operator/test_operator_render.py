@@ -57,6 +57,8 @@ def test_cpu_example_deployment_env_and_command() -> None:
     assert env_of(deployment) == {
         "FORKLESS_MODEL_NAME": "mlp",
         "FORKLESS_MODEL_URI": "file:///models/mlp.pt",
+        "FORKLESS_SIGNATURE": '{"inputs":[{"name":"x","datatype":"FP32","shape":[-1,16]}],'
+                              '"outputs":[{"name":"scores","datatype":"FP32","shape":[-1,3]}]}',
         "FORKLESS_FORMAT": "torchscript",
         "FORKLESS_WORKERS": "2",
         "FORKLESS_START_METHOD": "spawn",
