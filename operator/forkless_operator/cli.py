@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-format", choices=("json", "plain"), default="json")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    convert = commands.add_parser(
+        "convert", help="turn KServe v1beta1 InferenceServices into forkless ones (YAML on stdout)",
+        description="Reads KServe InferenceServices (multi-document YAML), writes forkless ones to stdout and names "
+        "on stderr every field that could not be carried, with the reason. Exit 0: every manifest converted "
+        "completely; 3: some fields were not carried (or a manifest not at all); 2: unreadable input.",
+    )
+    convert.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
+                         help="a YAML file, or - for standard input (repeatable)")
     return parser
+
+
+def convert(args: argparse.Namespace) -> int:
+    import yaml
+
+    from forkless_operator.convert import convert as convert_one
+
+    documents = []
+    for name in args.filename:
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+            documents += [d for d in yaml.safe_load_all(text) if d]
+        except (OSError, yaml.YAMLError) as error:
+            print(f"forkless-operator convert: {name}: {error}", file=sys.stderr)
+            return 2
+    results = [convert_one(document) for document in documents if isinstance(document, dict)]
+    converted = [r.manifest for r in results if r.manifest is not None]
+    if converted:
+        yaml.safe_dump_all(converted, sys.stdout, sort_keys=False)
+    for result in results:
+        for line in result.lost:
+            print(f"{result.name}: {line}", file=sys.stderr)
+    complete = sum(r.complete for r in results)
+    print(f"converted {complete} of {len(results)} InferenceService(s) completely; "
+          f"{len(converted) - complete} with fields not carried, {len(results) - len(converted)} not at all",
+          file=sys.stderr)
+    return 0 if results and complete == len(results) else 3
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "convert":
+        return convert(args)
     return 2
 
 

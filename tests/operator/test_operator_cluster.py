@@ -419,3 +419,18 @@ def test_kserves_s3_credentials_reach_the_download_and_a_missing_secret_is_named
     kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "not-yet"},
                 "stringData": {"HF_TOKEN": "hf_x"}}, namespace=namespace)
     wait_for(lambda: settled(kube, namespace, "waiting"), 90, "waiting Ready once its Secret exists")
+
+
+def test_converted_kserve_manifests_pass_server_side_dry_run(kube: Kube, crd: None, namespace: str, tmp_path: Path) -> None:
+    """What `forkless-operator convert` writes is taken by the API server as it is."""
+    from forkless_operator.convert import convert
+    from test_convert import FULL, SAMPLES
+
+    sources = [yaml.safe_load(FULL), *(yaml.safe_load(p.read_text()) for p in sorted(SAMPLES.glob("*.yaml")))]
+    converted = [r.manifest for r in map(convert, sources) if r.manifest is not None]
+    assert len(converted) == 3
+    for manifest in converted:
+        manifest["metadata"].pop("namespace", None)
+    path = tmp_path / "converted.yaml"
+    path.write_text(yaml.safe_dump_all(converted))
+    kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))

@@ -1,0 +1,137 @@
+"""`forkless-operator convert`: KServe InferenceServices in, forkless ones out, every loss named.
+
+The ten manifests in kserve_samples/ are the samples KServe's own docs give (described in
+../shared/notes/kserve-migration.md); the cluster test dry-runs the converted ones against the
+local API server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from forkless_operator.convert import convert
+from forkless_operator.spec import InferenceService
+
+SAMPLES = Path(__file__).parent / "kserve_samples"
+CLI = [sys.executable, "-m", "forkless_operator.cli", "convert"]
+
+# What becomes of each sample: "partial" converts with named losses, "refused" names why it cannot.
+OUTCOMES = {
+    "01-torchserve-v1.yaml": ("refused", "KServe's pytorch format is TorchServe (.mar archives)"),
+    "02-torchserve-v2-gpu.yaml": ("refused", "KServe's pytorch format is TorchServe"),
+    "03-triton-torchscript.yaml": ("partial", "limits.cpu: 1 is not set"),
+    "04-onnx.yaml": ("partial", "requests.memory: 512Mi becomes 1Gi"),
+    "05-custom-predictor.yaml": ("refused", "a custom predictor container is not run"),
+    "06-canary.yaml": ("refused", "scikit-learn models are not served"),
+    "07-kpa-concurrency-gpu.yaml": ("refused", "TensorFlow SavedModels are not served"),
+    "08-hpa-standard.yaml": ("refused", "scikit-learn models are not served"),
+    "09-s3-credentials.yaml": ("refused", "TensorFlow SavedModels are not served"),
+    "10-huggingface.yaml": ("refused", "forkless has no LLM engine"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUTCOMES))
+def test_each_kserve_sample_converts_or_says_why_not(name: str) -> None:
+    outcome, reason = OUTCOMES[name]
+    result = convert(yaml.safe_load((SAMPLES / name).read_text()))
+    assert any(reason in line for line in result.lost), result.lost
+    assert (result.manifest is not None) == (outcome == "partial")
+    assert not result.complete
+
+
+def test_the_triton_sample_becomes_a_repository_with_its_thread_budget() -> None:
+    result = convert(yaml.safe_load((SAMPLES / "03-triton-torchscript.yaml").read_text()))
+    assert result.manifest is not None
+    assert result.manifest["spec"]["model"] == {"uri": "gs://kfserving-examples/models/torchscript", "repository": True}
+    assert result.manifest["spec"]["runtime"] == {"threadsPerWorker": 1}
+    assert result.manifest["spec"]["resources"] == {"cpu": "1", "memory": "2Gi"}
+
+
+FULL = """
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: resnet
+  namespace: vision
+  labels: {team: vision}
+  annotations:
+    serving.kserve.io/deploymentMode: Standard
+    example.com/owner: alice
+spec:
+  predictor:
+    minReplicas: 2
+    maxReplicas: 6
+    scaleMetric: cpu
+    scaleTarget: 60
+    timeout: 30
+    serviceAccountName: models
+    nodeSelector: {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}
+    tolerations: [{key: dedicated, operator: Equal, value: inference, effect: NoSchedule}]
+    batcher: {maxBatchSize: 16, maxLatency: 5}
+    model:
+      modelFormat: {name: onnx}
+      protocolVersion: grpc-v2
+      storageUri: pvc://models/resnet/model.onnx
+      env: [{name: LOG_EVERY, value: "100"}]
+      resources:
+        requests: {cpu: "4", memory: 8Gi, nvidia.com/gpu: "1"}
+        limits: {memory: 8Gi, nvidia.com/gpu: "1"}
+"""
+
+
+def test_a_manifest_within_what_forkless_serves_converts_completely() -> None:
+    result = convert(yaml.safe_load(FULL))
+    assert result.lost == [] and result.complete
+    assert result.manifest == {
+        "apiVersion": "serving.forkless.dev/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": "resnet", "namespace": "vision", "labels": {"team": "vision"},
+                     "annotations": {"example.com/owner": "alice"}},
+        "spec": {
+            "model": {"uri": "pvc://models/resnet/model.onnx", "format": "onnx"},
+            "runtime": {"env": [{"name": "LOG_EVERY", "value": "100"}],
+                        "batching": {"maxBatchSize": 16, "maxDelayMs": 5.0},
+                        "requestTimeoutSeconds": 30.0, "grpc": True},
+            "resources": {"cpu": "4", "memory": "8Gi", "gpus": 1},
+            "scheduling": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                           "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "inference",
+                                            "effect": "NoSchedule"}]},
+            "serviceAccountName": "models",
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 6, "targetCPUUtilization": 60},
+        },
+    }
+    InferenceService.model_validate(result.manifest)
+
+
+def test_fields_forkless_cannot_carry_are_each_named() -> None:
+    body = yaml.safe_load(FULL)
+    body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "Serverless"
+    predictor = body["spec"]["predictor"]
+    predictor.update(minReplicas=0, scaleMetric="concurrency", logger={"mode": "all"}, imagePullSecrets=[{"name": "r"}])
+    predictor["model"]["env"].append({"name": "FORKLESS_MAX_QUEUE", "value": "1"})
+    body["spec"]["transformer"] = {"containers": []}
+    lost = "\n".join(convert(body).lost)
+    for expected in ("deploymentMode: Serverless: no Knative", "minReplicas: 0 (scale to zero)",
+                     "scaleMetric: concurrency is not scaled on", "spec.predictor.logger: no payload logger",
+                     "spec.predictor.imagePullSecrets", "FORKLESS_MAX_QUEUE: FORKLESS_* names are the runtime's",
+                     "spec.transformer: forkless serves the predictor only"):
+        assert expected in lost, lost
+
+
+def test_the_command_reads_files_and_stdin_and_says_by_its_exit_code_whether_all_carried(tmp_path: Path) -> None:
+    full = tmp_path / "full.yaml"
+    full.write_text(FULL)
+    complete = subprocess.run([*CLI, "-f", str(full)], capture_output=True, text=True)
+    assert complete.returncode == 0, complete.stderr
+    assert yaml.safe_load(complete.stdout)["metadata"]["name"] == "resnet"
+    assert "converted 1 of 1 InferenceService(s) completely" in complete.stderr
+    every = subprocess.run([*CLI, "-f", "-"], input="---\n".join(p.read_text() for p in sorted(SAMPLES.glob("*.yaml"))),
+                           capture_output=True, text=True)
+    assert every.returncode == 3
+    assert len(list(yaml.safe_load_all(every.stdout))) == 2
+    assert "converted 0 of 10 InferenceService(s) completely; 2 with fields not carried, 8 not at all" in every.stderr
+    assert "torchserve: spec.predictor.model.modelFormat: pytorch" in every.stderr
+    broken = subprocess.run([*CLI, "-f", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert broken.returncode == 2 and "missing.yaml" in broken.stderr
