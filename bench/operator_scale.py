@@ -13,7 +13,7 @@ which would measure kubectl's round trips rather than the operator):
 - API requests per InferenceService: the operator logs in as a ServiceAccount, as it does
   in a cluster, and a FlowSchema of its own counts its requests in kube-apiserver's
   ``apiserver_flowcontrol_dispatched_requests_total`` (before/after the burst);
-- the floor: ``kubectl apply --server-side`` of the same 2N children (Deployments + Services, as
+- the floor: ``kubectl apply --server-side`` of the same 3N children (Deployments and both Services, as
   the operator renders them, without owner references) on another fresh cluster, with no
   operator, and the time until those Deployments are Available.
 
@@ -51,7 +51,7 @@ from typing import Any
 import psutil
 import urllib3
 import yaml
-from forkless_operator.render import render_deployment, render_service
+from forkless_operator.render import render_children
 from forkless_operator.settings import Settings
 from forkless_operator.spec import GROUP, PLURAL, VERSION, InferenceService
 from kubernetes import client, config, watch
@@ -164,11 +164,14 @@ def inference_services(count: int) -> list[dict[str, Any]]:
 
 
 def rendered_children(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Deployments and Services the operator renders for ``bodies``, without owner references."""
+    """The Deployments and Services the operator renders for ``bodies`` (both Services: ``{name}`` and
+    KServe's ``{name}-predictor``), without owner references."""
     children = []
     for body in bodies:
         isvc = InferenceService.model_validate({**body, "metadata": {**body["metadata"], "uid": "floor"}})
-        for child in (render_deployment(isvc, Settings()), render_service(isvc, Settings())):
+        for child in render_children(isvc, Settings()).values():
+            if child is None or child["kind"] not in ("Deployment", "Service"):
+                continue
             del child["metadata"]["ownerReferences"]  # no owner exists: the garbage collector would delete them
             children.append(child)
     return children

@@ -176,8 +176,8 @@ def _model(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
 
 def _runtime(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     runtime: dict[str, Any] = {}
-    source = predictor.get("model") or next((predictor[k] for k in (*FORMATS, *UNSUPPORTED_FORMATS)
-                                             if k in predictor), {})
+    source: dict[str, Any] = predictor.get("model") or next(
+        (predictor[k] for k in (*FORMATS, *UNSUPPORTED_FORMATS) if k in predictor), {})
     env = []
     for variable in source.get("env") or []:
         name = variable.get("name", "")
@@ -207,8 +207,8 @@ def _runtime(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
 
 
 def _resources(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
-    source = predictor.get("model") or next((predictor[k] for k in (*FORMATS, *UNSUPPORTED_FORMATS)
-                                             if k in predictor), {})
+    source: dict[str, Any] = predictor.get("model") or next(
+        (predictor[k] for k in (*FORMATS, *UNSUPPORTED_FORMATS) if k in predictor), {})
     resources = source.get("resources") or {}
     requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
     out: dict[str, Any] = {}
@@ -225,7 +225,7 @@ def _resources(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
                         f"{limits['memory']}: forkless requests its memory limit (a model's memory is not elastic)")
     gpu_keys = [k for k in {**requests, **limits} if k.startswith("nvidia.com/")]
     for key in gpu_keys:
-        out["gpus"] = int(limits.get(key, requests.get(key)))
+        out["gpus"] = int(limits.get(key) or requests.get(key) or 0)
         if key != "nvidia.com/gpu":
             out["gpuResourceName"] = key
     for key in {**requests, **limits}:

@@ -60,23 +60,23 @@ class AppliedChildren:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._applied: dict[tuple[str, Key], Applied] = {}
+        self._applied: dict[tuple[str, Key], Applied] = {}  # (child role, InferenceService) -> applied
 
-    def remember(self, kind: str, key: Key, manifest: Mapping[str, Any], response: Mapping[str, Any]) -> None:
+    def remember(self, role: str, key: Key, manifest: Mapping[str, Any], response: Mapping[str, Any]) -> None:
         with self._lock:
-            self._applied[(kind, key)] = applied_state(manifest, response)
+            self._applied[(role, key)] = applied_state(manifest, response)
 
-    def forget_child(self, kind: str, key: Key) -> None:
+    def forget_child(self, role: str, key: Key) -> None:
         with self._lock:
-            self._applied.pop((kind, key), None)
+            self._applied.pop((role, key), None)
 
     def forget(self, key: Key) -> None:
         with self._lock:
             for child in kinds.CHILDREN:
-                self._applied.pop((child.kind, key), None)
+                self._applied.pop((child.role, key), None)
 
-    def needs_repair(self, kind: str, key: Key, event_type: str | None, body: Mapping[str, Any]) -> bool:
+    def needs_repair(self, role: str, key: Key, event_type: str | None, body: Mapping[str, Any]) -> bool:
         """A child this operator applied was deleted or changed by someone else."""
         with self._lock:
-            known = self._applied.get((kind, key))
+            known = self._applied.get((role, key))
         return known is not None and (event_type == "DELETED" or drifted(known, body))

@@ -93,7 +93,7 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
     if not settings.peering.mandatory:  # --peering NAME given on the command line wins
         settings.peering.name = PEERING_NAME
     # Only our children and their pods are streamed, filtered by the API server.
-    for selector in (*(child.resource for child in kinds.CHILDREN), PODS):
+    for selector in (*(kind.resource for kind in kinds.CHILD_KINDS), PODS):
         settings.watching.label_selectors[selector] = f"{MANAGED_BY}={OPERATOR}"
     get_kube()  # fail at start-up, not at the first event, when no credentials can be found
     logger.info("forkless-operator configured; runtime image %s", get_settings().runtime_image)
@@ -275,8 +275,11 @@ def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespac
     isvc_body = _first(isvc_index, key)
     if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
         return  # the owner is gone or going: the garbage collector removes the children
+    child = kinds.child_of(kind, str(body.metadata.get("name", "")), owner)
+    if child is None:
+        return  # owned, but no child the operator renders (left over from an older version): nothing to repair
     try:
-        if APPLIED_CHILDREN.needs_repair(kind, key, event_type, body):
+        if APPLIED_CHILDREN.needs_repair(child.role, key, event_type, body):
             logger.warning("%s %s/%s drifted from what the operator applied; applying it again", kind, *key)
             metrics.REGISTRY.error("Drift")
             apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False,
@@ -290,7 +293,7 @@ def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespac
 
 
 def _watch_child(child: kinds.Kind) -> None:
-    """One event handler per child kind (kinds.CHILDREN), all doing the same."""
+    """One event handler per child kind (kinds.CHILD_KINDS), all doing the same."""
 
     def on_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
         _on_child_event(child.kind, type, body, namespace, kwargs)
@@ -298,8 +301,8 @@ def _watch_child(child: kinds.Kind) -> None:
     kopf.on.event(*child.resource, labels=OWNED, id=f"{child.kind.lower()}_event")(on_event)
 
 
-for _child in kinds.CHILDREN:
-    _watch_child(_child)
+for _kind in kinds.CHILD_KINDS:
+    _watch_child(_kind)
 
 
 @kopf.on.event(*PODS, labels=OWNED)

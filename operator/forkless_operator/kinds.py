@@ -1,8 +1,8 @@
 """Every kind the operator reads or writes, written once: the children in apply order, and the rest.
 
-The renderers produce one manifest per child kind, the apply layer builds paths from the
+The renderers produce one manifest per child role, the apply layer builds paths from the
 plurals, the handlers watch each child kind, and the status cache forgets them all: each reads
-this table, so a new child kind is added in one place.
+this table, so a new child is added in one place.
 """
 
 from __future__ import annotations
@@ -24,12 +24,38 @@ class Kind:
         return self.api_version, self.plural
 
 
+@dataclass(frozen=True)
+class Child:
+    """One child object of an InferenceService: its role (the key renderers and the drift memory use),
+    its kind, and its name, the InferenceService's name plus ``suffix``."""
+
+    role: str
+    kind: Kind
+    suffix: str = ""
+
+    def name(self, owner: str) -> str:
+        return owner + self.suffix
+
+
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
-# The children, in apply order; optional ones (HPA, PDB) are deleted when no longer rendered.
-CHILDREN = (DEPLOYMENT, SERVICE, HPA, PDB)
+# The children, in apply order; optional ones (HPA, PDB) are deleted when no longer rendered. The
+# `-predictor` Service is KServe's name for the same pods: KServe clients keep their URL.
+CHILDREN = (
+    Child("Deployment", DEPLOYMENT),
+    Child("Service", SERVICE),
+    Child("PredictorService", SERVICE, "-predictor"),
+    Child("HorizontalPodAutoscaler", HPA),
+    Child("PodDisruptionBudget", PDB),
+)
+CHILD_KINDS = (DEPLOYMENT, SERVICE, HPA, PDB)  # each watched once
+
+
+def child_of(kind: str, name: str, owner: str) -> Child | None:
+    """Which child of ``owner`` an object of ``kind`` named ``name`` is."""
+    return next((c for c in CHILDREN if c.kind.kind == kind and c.name(owner) == name), None)
 
 PODS = Kind("v1", "Pod", "pods")
 PVC = Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims")
@@ -38,4 +64,4 @@ SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 SECRET = Kind("v1", "Secret", "secrets")
 INFERENCE_SERVICE = Kind(API_VERSION, KIND, PLURAL)
 
-ALL = (*CHILDREN, PODS, PVC, SERVICE_ACCOUNT, SECRET, INFERENCE_SERVICE)
+ALL = (*CHILD_KINDS, PODS, PVC, SERVICE_ACCOUNT, SECRET, INFERENCE_SERVICE)

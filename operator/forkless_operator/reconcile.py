@@ -50,14 +50,14 @@ def apply_children(kube: Kube, isvc: InferenceService, applied: AppliedChildren,
     result: dict[str, Any] = {}
     children = render_children(isvc, settings, credentials)
     for child in kinds.CHILDREN:
-        manifest = children[child.kind]
+        manifest = children[child.role]
         if manifest is None:
-            applied.forget_child(child.kind, key)
+            applied.forget_child(child.role, key)
             if prune:
-                kube.delete(child.api_version, child.kind, *key)
+                kube.delete(child.kind.api_version, child.kind.kind, key[0], child.name(key[1]))
             continue
-        result[child.kind] = kube.apply(manifest)
-        applied.remember(child.kind, key, manifest, result[child.kind])
+        result[child.role] = kube.apply(manifest)
+        applied.remember(child.role, key, manifest, result[child.role])
     return result
 
 

@@ -78,9 +78,9 @@ def selector_string(isvc: InferenceService) -> str:
     return ",".join(f"{key}={value}" for key, value in selector_labels(isvc).items())
 
 
-def service_url(isvc: InferenceService, settings: Settings | None = None) -> str:
+def service_url(isvc: InferenceService, settings: Settings | None = None, suffix: str = "") -> str:
     settings = settings or get_settings()
-    return f"http://{isvc.metadata.name}.{isvc.metadata.namespace}.svc.{settings.cluster_domain}"
+    return f"http://{isvc.metadata.name}{suffix}.{isvc.metadata.namespace}.svc.{settings.cluster_domain}"
 
 
 def owner_reference(isvc: InferenceService) -> dict[str, Any]:
@@ -455,12 +455,16 @@ def _strategy(isvc: InferenceService) -> dict[str, Any]:
     return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
 
 
-def render_service(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any]:
-    """A ClusterIP Service: port 80 to the runtime's http port."""
+def render_service(isvc: InferenceService, settings: Settings | None = None, suffix: str = "") -> dict[str, Any]:
+    """A ClusterIP Service: port 80 to the runtime's http port, 8081 to its gRPC port. With suffix
+    `-predictor`, the name KServe gives its predictor's Service: the same pods, so that a KServe
+    client's URL (status.address.url) keeps working."""
+    metadata = _metadata(isvc)
+    metadata["name"] += suffix
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(isvc),
+        "metadata": metadata,
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(isvc),
@@ -511,11 +515,12 @@ def render_pdb(isvc: InferenceService, settings: Settings | None = None) -> dict
 
 def render_children(isvc: InferenceService, settings: Settings | None = None,
                     credentials: StorageCredentials = NO_CREDENTIALS) -> dict[str, dict[str, Any] | None]:
-    """Every child by kind (forkless_operator.kinds.CHILDREN); None marks a kind this InferenceService must not have."""
+    """Every child by role (forkless_operator.kinds.CHILDREN); None marks a child this InferenceService must not have."""
     settings = settings or get_settings()
     return {
         "Deployment": render_deployment(isvc, settings, credentials),
         "Service": render_service(isvc, settings),
+        "PredictorService": render_service(isvc, settings, suffix="-predictor"),
         "HorizontalPodAutoscaler": render_hpa(isvc, settings),
         "PodDisruptionBudget": render_pdb(isvc, settings),
     }

@@ -817,11 +817,19 @@ class ModelStatus(_Model):
     copies: ModelCopies = Field(..., description="Pods holding the model, and failed ones.")
 
 
+class Addressable(_Model):
+    """Where clients reach the service, in KServe's shape (status.address of a KServe InferenceService)."""
+
+    url: str = Field(..., max_length=2048, description="In-cluster URL of the {name}-predictor Service, as KServe's.")
+
+
 class InferenceServiceStatus(_Model):
     """The observed state, computed by the operator and written through /status."""
 
     observed_generation: int | None = Field(default=None, description="The metadata.generation last reconciled.")
     url: str | None = Field(default=None, description="In-cluster URL of the service.")
+    address: Addressable | None = Field(
+        default=None, description="KServe's address: the {name}-predictor Service, so KServe clients keep their URL.")
     replicas: int | None = Field(default=None, description="Pods of the Deployment (for the scale subresource).")
     ready_replicas: int | None = Field(default=None, description="Pods ready to serve.")
     replica_summary: str | None = Field(default=None, description="ready/desired replicas, for display.")

@@ -22,6 +22,7 @@ from forkless_runtime.termination import REASONS as MODEL_REASONS
 from forkless_operator.render import DOWNLOAD_CONTAINER, desired_replicas, selector_string, service_url
 from forkless_operator.settings import Settings
 from forkless_operator.spec import (
+    Addressable,
     Condition,
     FailureInfo,
     InferenceService,
@@ -300,6 +301,7 @@ def compute_status(
     status = InferenceServiceStatus(
         observed_generation=observed,
         url=service_url(isvc, settings),
+        address=Addressable(url=service_url(isvc, settings, suffix="-predictor")),
         replicas=deployment_status.get("replicas", 0),
         ready_replicas=ready_replicas,
         replica_summary=f"{ready_replicas}/{desired}",

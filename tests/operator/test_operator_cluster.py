@@ -216,6 +216,15 @@ def test_gpu_service_becomes_ready_and_repairs_drift(
                                         "jsonpath={.metadata.uid}", check=False)).returncode == 0
              and d.stdout not in ("", uid), 60, "the Deployment re-created")
 
+    # KServe's address: the -predictor Service selects the same pods, and a deleted one comes back.
+    assert status["address"]["url"] == f"http://cnn-gpu-predictor.{namespace}.svc.cluster.local"
+    predictor = kube.json("get", "service", "cnn-gpu-predictor", "-n", namespace)
+    assert predictor["spec"]["selector"] == kube.json("get", "service", "cnn-gpu", "-n", namespace)["spec"]["selector"]
+    kube.kubectl("delete", "service", "cnn-gpu-predictor", "-n", namespace, "--wait=false")
+    wait_for(lambda: (s := kube.kubectl("get", "service", "cnn-gpu-predictor", "-n", namespace, "-o",
+                                        "jsonpath={.metadata.uid}", check=False)).returncode == 0
+             and s.stdout not in ("", predictor["metadata"]["uid"]), 60, "the -predictor Service re-created")
+
     # Scale subresource.
     kube.kubectl("scale", f"{ISVC}/cnn-gpu", "--replicas=1", "-n", namespace)
     wait_for(lambda: deployment(kube, namespace, "cnn-gpu")["spec"]["replicas"] == 1, 60, "Deployment scaled to 1")
@@ -371,7 +380,8 @@ def test_operator_restart_resumes_without_duplicates(
 
     # Nothing duplicated: one Deployment and one Service each, one set of conditions, one owner.
     assert children(kube, namespace, "deployments,services") == [
-        "deployment.apps/mlp-cpu", "deployment.apps/second", "service/mlp-cpu", "service/second"]
+        "deployment.apps/mlp-cpu", "deployment.apps/second", "service/mlp-cpu", "service/mlp-cpu-predictor",
+        "service/second", "service/second-predictor"]
     for name in ("mlp-cpu", "second"):
         body = get_isvc(kube, namespace, name)
         assert [c["type"] for c in body["status"]["conditions"]] == ["Ready", "Reconciled"]
@@ -384,8 +394,8 @@ def test_operator_restart_resumes_without_duplicates(
 def test_delete_cleans_up_children(kube: Kube, namespace: str, running: Operator, wait_for: Wait) -> None:
     kube.apply(example("autoscaled.yaml"), namespace=namespace)
     wait_for(lambda: settled(kube, namespace, "autoscaled", "Reconciled"), 60, "autoscaled Reconciled")
-    wait_for(lambda: len(children(kube, namespace, f"{CHILD_KINDS},pods")) == 5, 60,
-             "Deployment, Service, HPA, PDB and a pod")
+    wait_for(lambda: len(children(kube, namespace, f"{CHILD_KINDS},pods")) == 6, 60,
+             "Deployment, the two Services, HPA, PDB and a pod")
     kube.kubectl("delete", ISVC, "autoscaled", "-n", namespace)
     # Owner references alone clean up; the garbage collector may take up to 30 s to learn a new CRD.
     wait_for(lambda: children(kube, namespace, f"{CHILD_KINDS},replicasets,pods") == [], 60,

@@ -194,7 +194,10 @@ def test_every_rendered_child_kind_is_in_the_one_table_and_has_a_path() -> None:
     body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u"},
             "spec": {"model": {"uri": "file:///m.pt"}, "autoscaling": {"maxReplicas": 3}, "resources": {"cpu": 1}}}
     children = render_children(InferenceService.model_validate(body))
-    assert list(children) == [child.kind for child in kinds.CHILDREN]
-    for manifest in children.values():
+    assert list(children) == [child.role for child in kinds.CHILDREN]
+    for child in kinds.CHILDREN:
+        manifest = children[child.role]
         assert manifest is not None
         assert (manifest["apiVersion"], manifest["kind"]) in PLURALS
+        assert manifest["kind"] == child.kind.kind and manifest["metadata"]["name"] == child.name("m")
+        assert kinds.child_of(child.kind.kind, child.name("m"), "m") == child

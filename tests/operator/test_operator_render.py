@@ -191,7 +191,9 @@ def test_single_replica_has_no_pdb_or_hpa() -> None:
     children = render_children(example("mlp-cpu"), SETTINGS)
     assert children["HorizontalPodAutoscaler"] is None
     assert children["PodDisruptionBudget"] is None
-    assert [c["kind"] for c in children.values() if c] == ["Deployment", "Service"]
+    assert [(c["kind"], c["metadata"]["name"]) for c in children.values() if c] == [
+        ("Deployment", "mlp-cpu"), ("Service", "mlp-cpu"), ("Service", "mlp-cpu-predictor")]
+    assert children["PredictorService"]["spec"] == children["Service"]["spec"]  # KServe's name, the same pods
 
 
 @pytest.mark.parametrize(

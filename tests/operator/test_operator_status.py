@@ -50,6 +50,7 @@ def test_ready_when_updated_replicas_are_available() -> None:
     assert status == {
         "observedGeneration": 3,
         "url": "http://cnn.ml.svc.cluster.local",
+        "address": {"url": "http://cnn-predictor.ml.svc.cluster.local"},
         "replicas": 2,
         "readyReplicas": 2,
         "replicaSummary": "2/2",
