@@ -110,12 +110,23 @@ def deployed(kube: Kube, real_node: RealNode, helm: Helm, tmp_path_factory: pyte
         wait_for(lambda: ready(kube, namespace), READY_TIMEOUT_S, f"InferenceService {namespace}/{NAME} Ready")
         ready_after = time.monotonic() - applied
         service = kube.json("get", "service", NAME, "-n", namespace)
-        yield Deployed(namespace, release, models, f"http://{service['spec']['clusterIP']}:80", ready_after)
+        url = f"http://{service['spec']['clusterIP']}:80"
+        # Ready says the pods serve; kube-proxy programs the Service's address on its own schedule
+        # (a moment later on a busy machine): the tests start once the address answers.
+        wait_for(lambda: answers(url), 60, f"Service {NAME}'s ClusterIP programmed by kube-proxy")
+        yield Deployed(namespace, release, models, url, ready_after)
     finally:
         kube.kubectl("delete", ISVC, NAME, "-n", namespace, "--wait=true", "--timeout=90s", check=False)
         helm("uninstall", release, "--namespace", namespace, "--wait", kubeconfig=kube.kubeconfig, check=False)
         kube.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=90s", check=False)
         kube.kubectl("delete", "pv", pv, "--wait=false", check=False)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def infer(client: httpx.Client, url: str, rows: list[list[float]]) -> httpx.Response:
