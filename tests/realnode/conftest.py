@@ -15,3 +15,22 @@ def install_operator(kube: Kube, helm: Helm, namespace: str, release: str) -> No
     helm("install", release, str(CHART), "--namespace", namespace, "-f", str(LOCAL_VALUES), "--skip-crds",
          "--set", f"watchNamespaces={{{namespace}}}", "--wait", "--timeout", "180s",
          kubeconfig=kube.kubeconfig, timeout=200)
+
+
+def service_url(kube: Kube, namespace: str, name: str, timeout: float = 60) -> str:
+    """The Service's ClusterIP URL once it answers: Ready (or Available) says the pods serve, and the
+    endpoints controller and kube-proxy route the address a moment later, longer on a busy machine."""
+    import httpx
+
+    from tests.conftest import wait_for
+
+    url = f"http://{kube.json('get', 'service', name, '-n', namespace)['spec']['clusterIP']}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, timeout, f"Service {namespace}/{name}'s ClusterIP routed by kube-proxy")
+    return url

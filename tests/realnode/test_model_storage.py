@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, Helm, Kube, RealNode, wait_for
-from tests.realnode.conftest import install_operator
+from tests.realnode.conftest import install_operator, service_url
 from tests.storage_servers import MotoS3, StalledServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -121,8 +121,8 @@ def test_a_model_in_s3_with_kserves_secret_and_service_account_serves(kube: Kube
     assert "fetched 2 file(s)" in fetched, fetched
     rows = [[0.1 * i + j for i in range(16)] for j in range(2)]
     expected = torch.jit.load(str(bucket.models / "mlp.pt"))(torch.tensor(rows)).tolist()
-    service = kube.json("get", "service", "from-s3", "-n", bucket.namespace)
-    response = httpx.post(f"http://{service['spec']['clusterIP']}/v2/models/mlp/infer", timeout=30, json={
+    url = service_url(kube, bucket.namespace, "from-s3")
+    response = httpx.post(f"{url}/v2/models/mlp/infer", timeout=30, json={
         "inputs": [{"name": "input-0", "shape": [2, 16], "datatype": "FP32", "data": [x for row in rows for x in row]}]})
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["data"] == pytest.approx([x for row in expected for x in row], rel=1e-5, abs=1e-6)
@@ -240,7 +240,7 @@ def test_auto_workers_int8_and_the_warm_up_in_a_pod_follow_its_limits(kube: Kube
                                                       "inputShapes": [[16]]},
                runtime={"workers": "auto", "precision": "int8", "batching": {"maxBatchSize": 16}}, memory="1Gi")
     wait_reason(kube, bucket.namespace, "auto-int8", "Available")
-    url = f"http://{kube.json('get', 'service', 'auto-int8', '-n', bucket.namespace)['spec']['clusterIP']}"
+    url = service_url(kube, bucket.namespace, "auto-int8")
     parameters = httpx.get(f"{url}/v2/models/mlp", timeout=30).json()["parameters"]
     print(f"in the pod: {parameters['workers_auto']}; warm-up {parameters['warm_up']}")
     assert "of 1.0 GiB" in parameters["workers_auto"], parameters  # the pod's limit, not the node's memory

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, Helm, Kube, RealNode, wait_for
-from tests.realnode.conftest import LOCAL_VALUES, install_operator
+from tests.realnode.conftest import LOCAL_VALUES, install_operator, service_url
 
 # The first test also waits for the module's set-up: images imported into the node (about two
 # minutes for the runtime image's 5 GB), the chart installed, the InferenceService Ready.
@@ -109,24 +109,12 @@ def deployed(kube: Kube, real_node: RealNode, helm: Helm, tmp_path_factory: pyte
         })
         wait_for(lambda: ready(kube, namespace), READY_TIMEOUT_S, f"InferenceService {namespace}/{NAME} Ready")
         ready_after = time.monotonic() - applied
-        service = kube.json("get", "service", NAME, "-n", namespace)
-        url = f"http://{service['spec']['clusterIP']}:80"
-        # Ready says the pods serve; kube-proxy programs the Service's address on its own schedule
-        # (a moment later on a busy machine): the tests start once the address answers.
-        wait_for(lambda: answers(url), 60, f"Service {NAME}'s ClusterIP programmed by kube-proxy")
-        yield Deployed(namespace, release, models, url, ready_after)
+        yield Deployed(namespace, release, models, service_url(kube, namespace, NAME), ready_after)
     finally:
         kube.kubectl("delete", ISVC, NAME, "-n", namespace, "--wait=true", "--timeout=90s", check=False)
         helm("uninstall", release, "--namespace", namespace, "--wait", kubeconfig=kube.kubeconfig, check=False)
         kube.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=90s", check=False)
         kube.kubectl("delete", "pv", pv, "--wait=false", check=False)
-
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def infer(client: httpx.Client, url: str, rows: list[list[float]]) -> httpx.Response:
