@@ -120,20 +120,22 @@ def convert(kserve: dict[str, Any]) -> Conversion:
     return result
 
 
-def _model(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
-    """The model block: the new `model:` form, or a legacy framework key (`pytorch:`, `onnx:`, ...)."""
+def _model_block(predictor: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, str]:
+    """(block, format name, its path): the new `model:` form, or a legacy framework key (`pytorch:`, `onnx:`, ...)."""
     source = predictor.get("model")
-    path = "spec.predictor.model"
-    format_name = None
     if source is not None:
         format_name = ((source.get("modelFormat") or {}).get("name") or "").lower()
         if format_name == "pytorch" and "triton" in str(source.get("runtime", "")):
             format_name = "triton"  # TorchScript in a Triton repository, served by KServe's Triton runtime
-    else:
-        for key in (*FORMATS, *UNSUPPORTED_FORMATS):
-            if key in predictor:
-                source, format_name, path = predictor[key], key, f"spec.predictor.{key}"
-                break
+        return source, format_name, "spec.predictor.model"
+    for key in (*FORMATS, *UNSUPPORTED_FORMATS):
+        if key in predictor:
+            return predictor[key], key, f"spec.predictor.{key}"
+    return None, None, "spec.predictor.model"
+
+
+def _model(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
+    source, format_name, path = _model_block(predictor)
     model: dict[str, Any] = {}
     if source is None:
         lost.append("spec.predictor: no model (model.storageUri or a framework block) to convert")
@@ -176,8 +178,7 @@ def _model(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
 
 def _runtime(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     runtime: dict[str, Any] = {}
-    source: dict[str, Any] = predictor.get("model") or next(
-        (predictor[k] for k in (*FORMATS, *UNSUPPORTED_FORMATS) if k in predictor), {})
+    source = _model_block(predictor)[0] or {}
     env = []
     for variable in source.get("env") or []:
         name = variable.get("name", "")
@@ -207,8 +208,7 @@ def _runtime(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
 
 
 def _resources(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
-    source: dict[str, Any] = predictor.get("model") or next(
-        (predictor[k] for k in (*FORMATS, *UNSUPPORTED_FORMATS) if k in predictor), {})
+    source = _model_block(predictor)[0] or {}
     resources = source.get("resources") or {}
     requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
     out: dict[str, Any] = {}
