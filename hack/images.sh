@@ -240,7 +240,16 @@ import() {
 		say "$image: $(ref "$image") already in the node's containerd"
 		return
 	fi
-	heartbeat "importing $(ref "$image")" ctr_k8s images import "$target" >/dev/null
+	# containerd 1.6 reuses a layer snapshot it finds, without holding it: when the image this
+	# import replaces was the last to use it, the garbage collector can remove it mid-import
+	# ("parent snapshot ... does not exist"). A second try unpacks that layer afresh.
+	local try
+	for try in 1 2 3; do
+		heartbeat "importing $(ref "$image")" ctr_k8s images import "$target" >/dev/null && break
+		((try < 3)) || return 1
+		say "$image: import failed (try $try of 3); trying again"
+		sleep 2
+	done
 	say "$image: imported $(ref "$image") into the node's containerd in $(fmt_duration $((SECONDS - started)))"
 }
 
