@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODELS := .models
 PORT ?= 8080
 
-.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean proto
+.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean proto kserve-env
 
 venv: $(VENV)/.installed
 
@@ -15,6 +15,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --progress-bar off -e '.[runtime,operator,dev]' -c constraints.txt
+	@touch $@
+
+# KServe 0.21 and what it needs, beside the venv (its pins clash with the operator's kubernetes client):
+# the tests put it on PYTHONPATH to run KServe's own server and forkless's `format: kserve` side by side,
+# as a user's image adds it to the runtime's.
+KSERVE_ENV := .venv-kserve
+KSERVE_REQUIREMENTS := examples/kserve/custom-predictor/requirements.txt
+kserve-env: $(KSERVE_ENV)/.installed
+
+$(KSERVE_ENV)/.installed: $(KSERVE_REQUIREMENTS) | venv
+	rm -rf $(KSERVE_ENV)
+	$(PY) -m pip install --quiet --progress-bar off --no-deps --target $(KSERVE_ENV) -r $(KSERVE_REQUIREMENTS)
 	@touch $@
 
 models: venv
@@ -37,7 +49,7 @@ run-runtime: models
 serve: models
 	$(VENV)/bin/forkless-runtime serve --model-name mlp --model-uri $(MODELS)/mlp.pt --workers 2 --port $(PORT)
 
-test: venv
+test: venv kserve-env
 	$(VENV)/bin/ruff check runtime operator tests bench hack
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
@@ -67,7 +79,7 @@ reliability: venv
 	$(PY) -m pytest -q tests/reliability/test_operator_chaos.py tests/reliability/test_crd_properties.py
 
 clean:
-	rm -rf $(VENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_ENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # Regenerate the gRPC messages from runtime/forkless_runtime/protocol/proto/grpc_service.proto
 # (tests/runtime/test_codecs.py fails when the committed pb2 drifts from the proto).

@@ -59,6 +59,7 @@ class WorkerSpec:
     max_batch_size: int = 1
     workers_on_gpu: int = 1  # workers sharing this worker's GPU: each gets an equal share unless capped
     signature: str | None = None  # --signature: a file or inline JSON, read in the worker
+    model_name: str = "model"  # the name it is served under (a KServe model is constructed with it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

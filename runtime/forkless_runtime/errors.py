@@ -36,6 +36,15 @@ class ModelError(ServingError):
     status = 500
 
 
+class AnsweredError(ServingError):
+    """An error status the model's own serving code chose (a KServe model's exception handlers):
+    passed on with its message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class UnknownModel(ServingError):
     """Worded as Triton words it: tritonclient and Triton users' scripts look for this text."""
 

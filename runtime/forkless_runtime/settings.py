@@ -25,7 +25,10 @@ FORK_REFUSAL = (
     "OpenMP thread pool the parent already started; use 'spawn' (default) or 'forkserver'"
 )
 
-MODEL_FORMATS = ("torchscript", "torch-export", "onnx", "python")
+# "kserve": an unmodified kserve.Model subclass (--handler), answering with KServe's own payload types.
+MODEL_FORMATS = ("torchscript", "torch-export", "onnx", "python", "kserve")
+# Formats whose model is user code named by --handler (the model URI, if any, is its directory).
+HANDLER_FORMATS = ("python", "kserve")
 EXTENSION_FORMATS = {".pt": "torchscript", ".ts": "torchscript", ".pt2": "torch-export", ".onnx": "onnx"}
 START_METHODS = ("spawn", "forkserver")
 DEVICES = ("auto", "cpu", "cuda")
@@ -336,8 +339,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                      "names the models")
     if settings.model_name and not settings.model_uri and not settings.handler:
         parser.error("--model-uri (or FORKLESS_MODEL_URI) is required unless --handler is given")
-    if settings.format == "python" and not settings.handler:
-        parser.error("--format python needs --handler module:Class")
+    if settings.format in HANDLER_FORMATS and not settings.handler:
+        parser.error(f"--format {settings.format} needs --handler module:Class")
     try:
         if settings.model_name:
             settings = resolve_model_directory(settings)
@@ -353,7 +356,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
 def resolve_model_directory(settings: Settings) -> Settings:
     """A model URI that names a directory (a downloaded prefix, a Triton repository) as the one model
     file inside it; a Python handler gets the directory itself, as KServe's custom models do."""
-    if settings.handler or settings.format == "python" or not os.path.isdir(settings.model_path):
+    if settings.handler or settings.format in HANDLER_FORMATS or not os.path.isdir(settings.model_path):
         return settings
     from .storage.resolve import resolve_model_file  # not needed by the operator, which imports this module
 

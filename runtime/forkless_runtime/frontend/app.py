@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 
 from .. import __version__
-from ..errors import Draining, NotReady, ServingError, UnknownModel
+from ..errors import AnsweredError, Draining, NotReady, ServingError, UnknownModel
 from ..pool.supervisor import ModelSettingsRefused
-from ..protocol import v1, v2
+from ..protocol import kserve_passthrough, v1, v2
 from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import Settings
 from . import openapi
@@ -152,6 +152,9 @@ class App:
                 elif path.startswith("/v1/models/") and path.endswith(":predict"):
                     name = path[len("/v1/models/"):-len(":predict")]
                     return await self._inference("v1", name, scope, receive, send, self._handle_v1)
+                elif path.startswith("/v1/models/") and path.endswith(":explain"):
+                    name = path[len("/v1/models/"):-len(":explain")]
+                    return await self._inference("v1", name, scope, receive, send, self._handle_v1_explain)
                 elif path == "/v2/repository/index":
                     return await respond(send, 200, orjson.dumps(self.repository_index()))
                 return await respond(send, 404, error_body(f"no route POST {path}"))
@@ -246,6 +249,8 @@ class App:
         await respond(send, status, payload, headers=headers)
 
     async def _handle_v2(self, model: ServedModel, scope: Scope, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if model.passes_through:
+            return await self._pass_through(model, scope, body, "v2", "predict")
         header_length: int | None = None
         for key, value in scope["headers"]:
             if key == b"inference-header-content-length":
@@ -262,8 +267,29 @@ class App:
                          (b"inference-header-content-length", str(json_length).encode())]
 
     async def _handle_v1(self, model: ServedModel, scope: Scope, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if model.passes_through:
+            return await self._pass_through(model, scope, body, "v1", "predict")
         inputs, parameters = v1.decode_request(body, (model.pool.metadata or {}).get("inputs", []))
         return v1.encode_response(await self.infer(model, inputs, parameters)), _JSON_HEADERS
+
+    async def _handle_v1_explain(self, model: ServedModel, scope: Scope,
+                                 body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if not model.passes_through:
+            raise AnsweredError(404, f"model {model.name!r} has no explainer: :explain is served for format kserve "
+                                     "models, whose class may define explain()")
+        return await self._pass_through(model, scope, body, "v1", "explain")
+
+    async def _pass_through(self, model: ServedModel, scope: Scope, body: bytes, protocol: str,
+                            verb: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        call = kserve_passthrough.Call(protocol, verb, kserve_passthrough.headers_of(scope["headers"]), body)
+        headers, payload = await self.pass_through(model, call)
+        return payload, [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
+
+    async def pass_through(self, model: ServedModel, call: kserve_passthrough.Call) -> tuple[dict[str, str], bytes]:
+        """One request to a KServe model, from either protocol: refused while draining."""
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        return await model.passthrough(call)
 
     async def infer(self, model: ServedModel, inputs: list[NamedTensor],
                     parameters: dict[str, Any] | None = None) -> list[NamedTensor]:

@@ -20,7 +20,7 @@ from grpc import aio
 from .. import __version__
 from ..errors import QueueFull, ServingError
 from ..protocol import grpc_service_pb2 as pb
-from ..protocol import grpc_v2
+from ..protocol import grpc_v2, kserve_passthrough
 from ..protocol.tensors import ProtocolError
 from .app import EXTENSIONS, App
 
@@ -33,7 +33,9 @@ CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
     500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -78,6 +80,10 @@ class InferenceService:
         started = time.perf_counter()
         model = await self._model(request.model_name, context)
         try:
+            if model.passes_through:
+                response = await self._pass_through(model, request, context)
+                self._count(model, 200, started)
+                return response
             decoded = grpc_v2.decode_request(request)
             outputs = await self.app.infer(model, decoded.inputs, decoded.parameters)
             response = grpc_v2.encode_response(model.name, decoded, outputs)
@@ -87,6 +93,15 @@ class InferenceService:
             await context.abort(code, str(error))
         self._count(model, 200, started)
         return response
+
+    async def _pass_through(self, model: Any, request: pb.ModelInferRequest,
+                            context: aio.ServicerContext) -> pb.ModelInferResponse:
+        """A KServe model decodes KServe's own message: the same fields, so the bytes pass unchanged."""
+        metadata = {key: value if isinstance(value, str) else value.decode("latin-1")
+                    for key, value in context.invocation_metadata() or ()}
+        call = kserve_passthrough.Call("grpc", "predict", metadata, request.SerializeToString())
+        _headers, payload = await self.app.pass_through(model, call)
+        return pb.ModelInferResponse.FromString(payload)
 
     @staticmethod
     def _count(model: Any, status: int, started: float) -> None:

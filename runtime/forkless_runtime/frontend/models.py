@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 
 from ..batching.batcher import Batcher, Request
-from ..errors import NotReady, RequestTimeout, ServingError
+from ..errors import AnsweredError, NotReady, RequestTimeout, ServingError
 from ..pool.supervisor import WorkerPool
-from ..protocol import signature
+from ..protocol import kserve_passthrough, signature
 from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import HANDLER_PATTERN, Settings, resolve_model_directory
 from .metrics import Metrics
@@ -114,6 +114,8 @@ class ServedModel:
         self.batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue)
         self.pool = WorkerPool(settings, self.batcher, self.metrics, on_fatal, models_sharing)
         self.fatal_error: str | None = None
+        # KServe's model classes take KServe's payloads: requests pass through undecoded.
+        self.passes_through = settings.resolved_format == "kserve"
 
     def ready(self) -> bool:
         return self.pool.ready_count() > 0
@@ -146,6 +148,21 @@ class ServedModel:
         self.metrics.stats.request_done(True, time.perf_counter() - started)
         return outputs
 
+    async def passthrough(self, call: kserve_passthrough.Call) -> tuple[dict[str, str], bytes]:
+        """A request a KServe model decodes itself, through the same queue, workers and limits; its error
+        statuses (KServe's exception handlers) come back as AnsweredError."""
+        started = time.perf_counter()
+        try:
+            inputs, parameters = kserve_passthrough.encode_call(call)
+            status, headers, body = kserve_passthrough.decode_reply(await self._infer(inputs, parameters))
+            if status >= 400:
+                raise AnsweredError(status, _error_text(body))
+        except (ServingError, ProtocolError):
+            self.metrics.stats.request_done(False, time.perf_counter() - started)
+            raise
+        self.metrics.stats.request_done(True, time.perf_counter() - started)
+        return headers, body
+
     async def _infer(self, inputs: list[NamedTensor], parameters: dict[str, Any] | None) -> list[NamedTensor]:
         meta = self.pool.metadata
         if meta is None:
@@ -167,6 +184,13 @@ class ServedModel:
                 request.timer.cancel()
             raise
         return await future
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return str(orjson.loads(body)["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")
 
 
 def _expire(future: asyncio.Future, timeout: float) -> None:

@@ -214,6 +214,7 @@ class WorkerPool:
             input_shapes=settings.input_shapes,
             max_batch_size=settings.max_batch_size,
             signature=settings.signature,
+            model_name=settings.model_name,
         )
 
     def _add_worker(self, spec: WorkerSpec) -> Worker:

@@ -293,7 +293,9 @@ def load_onnx(path: str, device: str, threads: int, precision: str = "fp32") -> 
     return model
 
 
-def import_handler(path: str) -> type:
+def import_class(path: str) -> type:
+    """The class ``package.module:ClassName`` names; any other callable (os:system, os:fork,
+    builtins:exit) is refused, since the worker would call it."""
     if not HANDLER_RE.fullmatch(path):
         raise ValueError(f"handler must look like 'package.module:ClassName', got {path!r}")
     module_name, class_name = path.split(":")
@@ -301,8 +303,14 @@ def import_handler(path: str) -> type:
     handler = getattr(module, class_name, None)
     if handler is None:
         raise ValueError(f"module {module_name!r} has no class {class_name!r}")
-    # Refuse any other callable (os:system, os:fork, builtins:exit): the worker would call it.
-    if not inspect.isclass(handler) or not callable(getattr(handler, "predict", None)):
+    if not inspect.isclass(handler):
+        raise ValueError(f"handler {path!r} must name a class")
+    return handler
+
+
+def import_handler(path: str) -> type:
+    handler = import_class(path)
+    if not callable(getattr(handler, "predict", None)):
         raise ValueError(f"handler {path!r} must name a class with a predict(inputs) method")
     return handler
 
@@ -364,7 +372,7 @@ def _handler_tensor(declared: Any) -> TensorSpec:
 
 
 def load_model(fmt: str, model_path: str, handler: str | None, device: str, threads: int,
-               precision: str = "fp32", signature: str | None = None) -> LoadedModel:
+               precision: str = "fp32", signature: str | None = None, name: str = "model") -> LoadedModel:
     problem = precision_problem(precision, device, fmt)
     if problem:
         raise ValueError(problem)
@@ -379,6 +387,14 @@ def load_model(fmt: str, model_path: str, handler: str | None, device: str, thre
         if not handler:
             raise ValueError("format 'python' needs a handler (module:Class)")
         model = load_python(handler, model_path, device, precision)
+    elif fmt == "kserve":
+        if not handler:
+            raise ValueError("format 'kserve' needs a handler (module:Class, a kserve.Model subclass)")
+        if precision != "fp32":
+            raise ValueError(f"precision {precision} is not applied to KServe models: cast the model in its load()")
+        from .kserve_model import load_kserve
+
+        model = load_kserve(handler, model_path, name)
     else:
         raise ValueError(f"unknown model format {fmt!r}")
     if declared is not None:

@@ -57,12 +57,12 @@ def die_with_parent() -> None:
 
 
 def prepare_torch(spec: WorkerSpec) -> None:
-    if spec.format not in ("torchscript", "torch-export", "python"):
+    if spec.format not in ("torchscript", "torch-export", "python", "kserve"):
         return
     try:
         import torch
     except ImportError:
-        if spec.format == "python":
+        if spec.format in ("python", "kserve"):
             return
         raise
     torch.set_num_threads(spec.threads)
@@ -114,7 +114,7 @@ def run(spec_dict: dict[str, Any], conn: Connection) -> None:
         from .warmup import resident_bytes, warm_up
 
         model = load_model(spec.format, spec.model_path, spec.handler, spec.device, spec.threads, spec.precision,
-                           spec.signature)
+                           spec.signature, spec.model_name)
         ring = map_ring(spec.ring_name, spec.ring_size) if spec.ring_name else None
         log.info("loaded %s (%s, %s) on %s%s with %d thread(s) in %.2fs", spec.model_path or spec.handler,
                  spec.format, spec.precision, spec.device, f" (GPU {spec.gpu})" if spec.gpu is not None else "",

@@ -143,6 +143,8 @@ def warm_up(model: LoadedModel, input_shapes: str | None, max_batch_size: int, d
     Raises WorkerDoesNotFit when the peak does not fit: a CUDA out-of-memory error during the
     warm-up (the allocator's cap enforced) is the same refusal, with the numbers it has.
     """
+    if model.platform == "kserve":
+        return "a KServe model takes KServe's payloads, which cannot be made up from shapes: no warm-up batch"
     batch = max_batch_size if model.batchable else 1
     tensors = sample_inputs(model, input_shapes, batch)
     if isinstance(tensors, str):
