@@ -133,9 +133,9 @@ def _uri_form_rule(prefix: str, pattern: str, message: str) -> Rule:
 
 URI_FORM_RULES = tuple(_uri_form_rule(*rule) for rule in uris.RULES)
 PYTHON_HANDLER_RULE = Rule(
-    rule="!has(self.format) || self.format != 'python' || has(self.handler)",
-    message="handler is required for format python: give the module:Class the workers import",
-    holds=lambda m: m.format != "python" or m.handler is not None,
+    rule="!has(self.format) || !(self.format in ['python', 'kserve']) || has(self.handler)",
+    message="handler is required for formats python and kserve: give the module:Class the workers import",
+    holds=lambda m: m.format not in ("python", "kserve") or m.handler is not None,
 )
 
 
@@ -247,15 +247,19 @@ class ModelSpec(_Model):
         default=None,
         description="Keep downloads on a PersistentVolumeClaim so that pods with the same model version do not download again.",
     )
-    format: Literal["torchscript", "torch-export", "onnx", "python"] | None = Field(
+    format: Literal["torchscript", "torch-export", "onnx", "python", "kserve"] | None = Field(
         default=None,
-        description="Model format; inferred by the runtime from the file extension when omitted.",
+        description=(
+            "Model format; inferred by the runtime from the file extension when omitted. python: a handler "
+            "class with load() and predict(inputs); kserve: an unmodified kserve.Model subclass (the kserve "
+            "package in an image built on the runtime's), answering with KServe's own payloads and headers."
+        ),
     )
     handler: str | None = Field(
         default=None,
         max_length=256,
         pattern=HANDLER_PATTERN,
-        description="Import string module:Class of the handler the workers load; required for format python.",
+        description="Import string module:Class of the handler the workers load; required for formats python and kserve.",
     )
     input_shapes: list[Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(
         min_length=1, max_length=8, json_schema_extra={"x-kubernetes-list-type": "atomic"})]] | None = Field(
