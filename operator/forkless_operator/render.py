@@ -27,8 +27,16 @@ from forkless_runtime.storage.uris import parse_model_uri
 from kubernetes.utils import parse_quantity
 
 from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
+from forkless_operator.pod_template import apply_pod_template
 from forkless_operator.settings import Settings, get_settings
-from forkless_operator.spec import API_VERSION, KIND, OPERATOR_DRAIN_DELAY_S, InferenceService
+from forkless_operator.spec import (
+    API_VERSION,
+    INIT_CONTAINER_NAMES,
+    KIND,
+    OPERATOR_DRAIN_DELAY_S,
+    RUNTIME_CONTAINER_NAME,
+    InferenceService,
+)
 
 HTTP_PORT = 8080
 GRPC_PORT = 8081  # KServe's and the runtime's default
@@ -36,7 +44,7 @@ SERVICE_PORT = 80
 MODEL_MOUNT_PATH = "/mnt/models"
 # The cache volume, at the same path in the init container (writes) and the runtime (reads the links).
 MODEL_CACHE_PATH = "/mnt/model-cache"
-RUNTIME_CONTAINER = "runtime"
+RUNTIME_CONTAINER = RUNTIME_CONTAINER_NAME  # the pod template merges its entry of this name
 # Kubernetes waits this much longer than the runtime's drain delay and grace period together
 # before SIGKILL, so that in-flight requests never die with the pod.
 TERMINATION_MARGIN_S = 15
@@ -46,7 +54,7 @@ STARTUP_PROBE_PERIOD_S = 5
 STARTUP_PROBE_FAILURES = 360
 SHARED_MEMORY_PER_WORKER = 1 << 30  # 1Gi
 
-DOWNLOAD_CONTAINER = "download-model"
+DOWNLOAD_CONTAINER = INIT_CONTAINER_NAMES[0]  # the pod template may not take its name
 # The init container streams to disk: its memory stays near 100Mi whatever the model's size (KServe's
 # storage initializer is capped at 1Gi and runs out on models over 8 GB, kserve#5326).
 DOWNLOAD_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
@@ -432,7 +440,8 @@ def render_deployment(isvc: InferenceService, settings: Settings | None = None,
         "selector": {"matchLabels": selector_labels(isvc)},
         "revisionHistoryLimit": 3,
         "strategy": _strategy(isvc),
-        "template": {"metadata": {"labels": labels(isvc)}, "spec": pod_spec},
+        "template": apply_pod_template({"metadata": {"labels": labels(isvc)}, "spec": pod_spec}, spec.pod_template,
+                                       RUNTIME_CONTAINER),
     }
     if spec.autoscaling is None:
         deployment_spec = {"replicas": desired_replicas(isvc), **deployment_spec}

@@ -643,6 +643,208 @@ class SchedulingSpec(_Model):
     )
 
 
+# --- spec.podTemplate ---------------------------------------------------------------------------
+
+# The operator's names inside the pod (forkless_operator.render): the pod template may not take them.
+RUNTIME_CONTAINER_NAME = "runtime"
+INIT_CONTAINER_NAMES = ("download-model",)
+OPERATOR_VOLUMES = ("dshm", "model", "model-cache", "user-gcp-sa")
+
+
+class _OpenModel(_Model):
+    """Declared fields are typed (and reachable by CEL); every other field of the Kubernetes type is
+    kept as given (x-kubernetes-preserve-unknown-fields)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+
+class ContainerResources(_OpenModel):
+    """core/v1 ResourceRequirements."""
+
+    limits: dict[str, str | int] | None = Field(default=None, max_length=16, description="Limits by resource name.",
+                                                json_schema_extra={"additionalProperties": QUANTITY_SCHEMA})
+    requests: dict[str, str | int] | None = Field(default=None, max_length=16, description="Requests by resource name.",
+                                                  json_schema_extra={"additionalProperties": QUANTITY_SCHEMA})
+
+
+class VolumeMount(_OpenModel):
+    """core/v1 VolumeMount."""
+
+    name: str = Field(..., max_length=253, description="The volume's name.")
+    mount_path: str = Field(..., max_length=4096, description="Where the volume appears in the container.")
+
+
+class ContainerTemplate(_OpenModel):
+    """A core/v1 Container: named runtime, merged into the runtime container; else added."""
+
+    name: str = Field(..., max_length=63, pattern=DNS1035_LABEL,
+                      description="Container name; runtime names the operator's runtime container.")
+    image: str | None = Field(default=None, max_length=512, description="Image of an added container.")
+    command: list[str] | None = Field(default=None, max_length=64, description="Entrypoint of an added container.",
+                                        json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    args: list[str] | None = Field(default=None, max_length=256, description="Arguments of an added container.",
+                                        json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    working_dir: str | None = Field(default=None, max_length=4096, description="Working directory of an added container.")
+    ports: list[dict[str, Any]] | None = Field(default=None, max_length=64, description="Ports of an added container.",
+                                               json_schema_extra=OPAQUE_LIST)
+    env: list[EnvVar] | None = Field(default=None, max_length=256, description="Environment variables.",
+                                     json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    resources: ContainerResources | None = Field(default=None, description="Requests and limits, e.g. a CPU limit.")
+    volume_mounts: list[VolumeMount] | None = Field(default=None, max_length=64, description="Volume mounts.",
+                                                    json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    liveness_probe: dict[str, Any] | None = Field(default=None, description="Liveness probe of an added container.",
+                                                  json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    readiness_probe: dict[str, Any] | None = Field(default=None, description="Readiness probe of an added container.",
+                                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    startup_probe: dict[str, Any] | None = Field(default=None, description="Startup probe of an added container.",
+                                                 json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
+def _runtime_entry(containers: list[ContainerTemplate] | None) -> ContainerTemplate | None:
+    return next((c for c in containers or [] if c.name == RUNTIME_CONTAINER_NAME), None)
+
+
+def _gpu_free(resources: ContainerResources | None) -> bool:
+    keys = [*((resources.limits or {}) if resources else {}), *((resources.requests or {}) if resources else {})]
+    return not any("gpu" in key or key.startswith("nvidia.com/") for key in keys)
+
+
+_GPU_FREE_CEL = ("(!has({c}.resources) || ((!has({c}.resources.limits) || {c}.resources.limits.all(k, "
+                 "!k.contains('gpu') && !k.startsWith('nvidia.com/'))) && (!has({c}.resources.requests) || "
+                 "{c}.resources.requests.all(k, !k.contains('gpu') && !k.startsWith('nvidia.com/')))))")
+RUNTIME_COMMAND_RULE = Rule(
+    rule="self.all(c, c.name != 'runtime' || (!has(c.command) && !has(c.args) && !has(c.workingDir)))",
+    message=("podTemplate cannot set the runtime container's command, args or workingDir: the operator starts "
+             "forkless-runtime serve from the spec (set its settings in spec.runtime and spec.model)"),
+    holds=lambda cs: all(c.name != "runtime" or (c.command is None and c.args is None and c.working_dir is None)
+                         for c in cs),
+)
+RUNTIME_IMAGE_RULE = Rule(
+    rule="self.all(c, c.name != 'runtime' || !has(c.image))",
+    message="podTemplate cannot set the runtime container's image: use spec.runtime.image",
+    holds=lambda cs: all(c.name != "runtime" or c.image is None for c in cs),
+)
+RUNTIME_PROBES_RULE = Rule(
+    rule=("self.all(c, c.name != 'runtime' || (!has(c.ports) && !has(c.livenessProbe) && !has(c.readinessProbe) "
+          "&& !has(c.startupProbe)))"),
+    message=("podTemplate cannot set the runtime container's ports or probes: Ready means every worker loaded the "
+             "model, which the operator's probes check on the ports it renders"),
+    holds=lambda cs: all(c.name != "runtime" or (c.ports is None and c.liveness_probe is None
+                                                 and c.readiness_probe is None and c.startup_probe is None)
+                         for c in cs),
+)
+FORKLESS_ENV_RULE = Rule(
+    rule="self.all(c, c.name != 'runtime' || !has(c.env) || c.env.all(e, !e.name.startsWith('FORKLESS_')))",
+    message=("podTemplate cannot set FORKLESS_* variables in the runtime container: they are the operator's "
+             "contract with the runtime; set the matching spec field (docs/operator.md lists each)"),
+    holds=lambda cs: all(c.name != "runtime" or not any(e.name.startswith("FORKLESS_") for e in c.env or [])
+                         for c in cs),
+)
+GPU_RESOURCE_RULE = Rule(
+    rule="self.all(c, " + _GPU_FREE_CEL.format(c="c") + ")",
+    message=("podTemplate cannot request GPUs: spec.resources.gpus (and gpuResourceName) counts them, and the "
+             "workers are pinned one per GPU"),
+    holds=lambda cs: all(_gpu_free(c.resources) for c in cs),
+)
+SHM_MOUNT_RULE = Rule(
+    rule="self.all(c, c.name != 'runtime' || !has(c.volumeMounts) || c.volumeMounts.all(m, m.mountPath != '/dev/shm'))",
+    message=("podTemplate cannot mount /dev/shm in the runtime container: it is the memory-backed volume sized by "
+             "spec.resources.sharedMemory, through which the workers receive tensors"),
+    holds=lambda cs: all(c.name != "runtime" or all(m.mount_path != "/dev/shm" for m in c.volume_mounts or [])
+                         for c in cs),
+)
+INIT_CONTAINER_NAME_RULE = Rule(
+    rule="self.all(c, !(c.name in " + str(list(INIT_CONTAINER_NAMES)) + "))",
+    message="podTemplate cannot add an init container named download-model: the operator's downloads the model",
+    holds=lambda cs: all(c.name not in INIT_CONTAINER_NAMES for c in cs),
+)
+VOLUME_NAME_RULE = Rule(
+    rule="self.all(v, !(v.name in " + str(list(OPERATOR_VOLUMES)) + "))",
+    message=("podTemplate cannot define the volumes dshm, model, model-cache or user-gcp-sa: the operator's "
+             "(shared memory, the model, its cache, storage credentials)"),
+    holds=lambda vs: all(v.name not in OPERATOR_VOLUMES for v in vs),
+)
+SELECTOR_LABEL_RULE = Rule(
+    rule="self.all(k, !k.startsWith('app.kubernetes.io/'))",
+    message=("podTemplate cannot set app.kubernetes.io/ labels: the operator's, and the Deployment's selector "
+             "among them"),
+    holds=lambda labels: not any(k.startswith("app.kubernetes.io/") for k in labels),
+)
+
+
+class NamedVolume(_OpenModel):
+    """A core/v1 Volume."""
+
+    name: str = Field(..., max_length=63, description="The volume's name.")
+
+
+class PodTemplateMetadata(_Model):
+    """Labels and annotations added to each pod."""
+
+    labels: dict[str, str] | None = Field(
+        default=None, max_length=64, description="Labels added to each pod.",
+        json_schema_extra=validations(SELECTOR_LABEL_RULE))
+    annotations: dict[str, str] | None = Field(default=None, max_length=64, description="Annotations added to each pod.")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        SELECTOR_LABEL_RULE.check(value or {})
+        return value
+
+
+class PodTemplateSpec(_Model):
+    """What a pod template may add to the rendered pod (a subset of core/v1 PodSpec)."""
+
+    containers: list[ContainerTemplate] | None = Field(
+        default=None, max_length=16,
+        description=("Containers by name: `runtime` is merged into the runtime container (env, envFrom, resources "
+                     "such as CPU and ephemeral-storage limits, volumeMounts, securityContext, lifecycle); any other "
+                     "name is added as a sidecar."),
+        json_schema_extra={**validations(RUNTIME_COMMAND_RULE, RUNTIME_IMAGE_RULE, RUNTIME_PROBES_RULE,
+                                         FORKLESS_ENV_RULE, GPU_RESOURCE_RULE, SHM_MOUNT_RULE),
+                           "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    init_containers: list[ContainerTemplate] | None = Field(
+        default=None, max_length=16, description="Init containers run after the operator's model download.",
+        json_schema_extra={**validations(INIT_CONTAINER_NAME_RULE, GPU_RESOURCE_RULE),
+                           "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    volumes: list[NamedVolume] | None = Field(
+        default=None, max_length=64, description="Volumes added to the pod (core/v1 Volume).",
+        json_schema_extra={**validations(VOLUME_NAME_RULE),
+                           "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    image_pull_secrets: list[dict[str, str]] | None = Field(
+        default=None, max_length=16, description="Secrets to pull the runtime's (or a sidecar's) image.",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"})
+    runtime_class_name: str | None = Field(default=None, max_length=253, description="RuntimeClass of the pods.")
+    security_context: dict[str, Any] | None = Field(
+        default=None, description="Pod security context fields, set over the operator's hardened defaults.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    @model_validator(mode="after")
+    def _rules(self) -> PodTemplateSpec:
+        for rule in (RUNTIME_COMMAND_RULE, RUNTIME_IMAGE_RULE, RUNTIME_PROBES_RULE, FORKLESS_ENV_RULE,
+                     GPU_RESOURCE_RULE, SHM_MOUNT_RULE):
+            rule.check(self.containers or [])
+        INIT_CONTAINER_NAME_RULE.check(self.init_containers or [])
+        GPU_RESOURCE_RULE.check(self.init_containers or [])
+        VOLUME_NAME_RULE.check(self.volumes or [])
+        return self
+
+    @property
+    def runtime(self) -> ContainerTemplate | None:
+        return _runtime_entry(self.containers)
+
+
+class PodTemplate(_Model):
+    """Pod metadata and spec merged onto the pods the operator renders (KServe inlines a PodSpec)."""
+
+    metadata: PodTemplateMetadata | None = Field(default=None, description="Labels and annotations of the pods.")
+    spec: PodTemplateSpec | None = Field(default=None, description="Pod spec fields merged onto the rendered pod.")
+
+
 # --- spec ---------------------------------------------------------------------------------------
 
 REPLICAS_OR_AUTOSCALING_RULE = Rule(
@@ -728,6 +930,15 @@ class InferenceServiceSpec(_Model):
     scheduling: SchedulingSpec | None = Field(default=None, description="Node selection, tolerations, affinity and spreading.")
     service_account_name: str | None = Field(
         default=None, max_length=253, description="ServiceAccount of the pods; the namespace's default when omitted."
+    )
+    pod_template: PodTemplate | None = Field(
+        default=None,
+        description=(
+            "Labels, annotations, imagePullSecrets, volumes and mounts, sidecars, init containers, runtimeClassName, "
+            "security context, CPU, memory and ephemeral-storage limits, merged onto the rendered pod. What the "
+            "operator owns (the runtime's command, image, ports and probes, FORKLESS_* variables, GPUs, /dev/shm, "
+            "its volumes and selector labels) is refused, with the reason."
+        ),
     )
 
     model_config = ConfigDict(

@@ -90,6 +90,12 @@ def test_every_rule_is_in_the_crd_where_it_belongs() -> None:
         ".spec.runtime.startMethod": [spec.NO_FORK_RULE, spec.START_METHOD_RULE],
         ".spec.runtime.env": [spec.RESERVED_ENV_RULE],
         ".spec.autoscaling": [spec.MIN_MAX_REPLICAS_RULE],
+        ".spec.podTemplate.metadata.labels": [spec.SELECTOR_LABEL_RULE],
+        ".spec.podTemplate.spec.containers": [spec.RUNTIME_COMMAND_RULE, spec.RUNTIME_IMAGE_RULE,
+                                              spec.RUNTIME_PROBES_RULE, spec.FORKLESS_ENV_RULE,
+                                              spec.GPU_RESOURCE_RULE, spec.SHM_MOUNT_RULE],
+        ".spec.podTemplate.spec.initContainers": [spec.INIT_CONTAINER_NAME_RULE, spec.GPU_RESOURCE_RULE],
+        ".spec.podTemplate.spec.volumes": [spec.VOLUME_NAME_RULE],
     }
     assert rules == {path: [r.cel() for r in listed] for path, listed in expected.items()}
 

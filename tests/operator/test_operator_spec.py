@@ -32,6 +32,14 @@ INVALID_EXAMPLES = {
     "int8-on-gpu.yaml": spec.INT8_ON_CPU_RULE.message,
     "int8-torch-export.yaml": spec.INT8_NOT_EXPORTED_RULE.message,
     "repository-with-name.yaml": spec.REPOSITORY_RULE.message,
+    "pod-template-command.yaml": spec.RUNTIME_COMMAND_RULE.message,
+    "pod-template-image.yaml": spec.RUNTIME_IMAGE_RULE.message,
+    "pod-template-probe.yaml": spec.RUNTIME_PROBES_RULE.message,
+    "pod-template-forkless-env.yaml": spec.FORKLESS_ENV_RULE.message,
+    "pod-template-gpu.yaml": spec.GPU_RESOURCE_RULE.message,
+    "pod-template-shm.yaml": spec.SHM_MOUNT_RULE.message,
+    "pod-template-volume.yaml": spec.VOLUME_NAME_RULE.message,
+    "pod-template-selector-label.yaml": spec.SELECTOR_LABEL_RULE.message,
 }
 
 
