@@ -13,7 +13,13 @@ from typing import Any
 
 from forkless_runtime.settings import ENV_PREFIX
 
-from forkless_operator.spec import API_VERSION, KIND, InferenceService
+from forkless_operator.spec import (
+    API_VERSION,
+    KIND,
+    OPERATOR_VOLUMES,
+    RUNTIME_CONTAINER_NAME,
+    InferenceService,
+)
 
 KSERVE_API = "serving.kserve.io/v1beta1"
 # KServe's model formats -> forkless's (None: the runtime loads it by its file; "repository": a Triton repository).
@@ -38,22 +44,21 @@ KSERVE_ANNOTATIONS: dict[str, str | None] = {
                                                     "ServiceMonitor (the chart's, off by default) scrapes it",
     "serving.kserve.io/stop": "use spec.replicas: 0",
 }
+# Pod fields of the predictor that spec.podTemplate carries as they are.
+POD_FIELDS = ("imagePullSecrets", "volumes", "initContainers", "securityContext", "runtimeClassName")
 CARRIED_PREDICTOR_KEYS = {"model", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout", "batcher",
                           "nodeSelector", "tolerations", "affinity", "priorityClassName", "topologySpreadConstraints",
-                          "serviceAccountName", *FORMATS, *UNSUPPORTED_FORMATS}
+                          "serviceAccountName", "labels", "annotations", *POD_FIELDS, *FORMATS, *UNSUPPORTED_FORMATS}
+# The model container's fields: carried into spec or the runtime entry of spec.podTemplate, or refused below.
+CARRIED_CONTAINER_KEYS = {"modelFormat", "storageUri", "runtime", "protocolVersion", "env", "resources", "name",
+                          "volumeMounts", "envFrom", "securityContext", "lifecycle"}
 REASONS: dict[str, str] = {
-    "containers": "a custom predictor container is not run: wrap the kserve.Model as a forkless Python handler "
-                  "(format python) in an image built on the runtime's",
+    "containers": "a custom predictor container is not run as it is: build its image on the runtime's with kserve "
+                  "installed (examples/kserve/custom-predictor/Containerfile) and serve the class unmodified with "
+                  "model.format: kserve, model.handler: module:Class, runtime.image",
     "canaryTrafficPercent": "no traffic split: run the canary as a second InferenceService",
     "logger": "no payload logger",
     "containerConcurrency": "no hard concurrency limit: runtime.maxQueue bounds waiting requests (503 beyond)",
-    "imagePullSecrets": "no pod template passthrough yet",
-    "volumes": "no pod template passthrough yet",
-    "initContainers": "no pod template passthrough yet",
-    "securityContext": "the runtime's pod runs with a fixed hardened security context",
-    "runtimeClassName": "no pod template passthrough yet",
-    "labels": "pod labels are not passed through yet",
-    "annotations": "pod annotations are not passed through yet",
     "deploymentStrategy": "the rollout strategy is fixed (GPU: surge 0, unavailable 1; CPU: 25 %, 0)",
     "workerSpec": "multi-node tensor or pipeline parallelism is not served",
     "scaleMetricType": "only CPU utilization is scaled on",
@@ -91,11 +96,15 @@ def convert(kserve: dict[str, Any]) -> Conversion:
             result.lost.append(f"spec.{key}: {REASONS.get(key, 'not carried')}")
     predictor = spec.get("predictor") or {}
     lost = result.lost
+    pod_template: dict[str, Any] = {}
     model, runtime, resources, scheduling = _model(predictor, lost), _runtime(predictor, lost), \
-        _resources(predictor, lost), _scheduling(predictor)
+        _resources(predictor, pod_template, lost), _scheduling(predictor)
+    _pod(predictor, pod_template, lost)
     out_spec: dict[str, Any] = {"model": model, **({"runtime": runtime} if runtime else {}), "resources": resources}
     if scheduling:
         out_spec["scheduling"] = scheduling
+    if pod_template:
+        out_spec["podTemplate"] = pod_template
     if predictor.get("serviceAccountName"):
         out_spec["serviceAccountName"] = predictor["serviceAccountName"]
     out_spec.update(_replicas(predictor, metadata.get("annotations") or {}, lost))
@@ -161,19 +170,28 @@ def _model(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     runtime = str(source.get("runtime", ""))
     if runtime and "triton" not in runtime:
         lost.append(f"{path}.runtime: {runtime}: one runtime serves every model (spec.runtime.image)")
-    for key, reason in (
+    for key in source:
+        if key not in CARRIED_CONTAINER_KEYS and key not in LOST_CONTAINER_KEYS:
+            lost.append(f"{path}.{key}: not carried")
+    for key, reason in LOST_CONTAINER_KEYS.items():
+        if key in source:
+            lost.append(f"{path}.{key}: {reason}")
+    if source.get("protocolVersion") == "grpc-v1":
+        lost.append(f"{path}.protocolVersion: grpc-v1 is not served (V1 over HTTP, V2 over HTTP and gRPC)")
+    return model
+
+
+# The model container's fields the operator owns, and why.
+LOST_CONTAINER_KEYS = dict((
                         ("runtimeVersion", "the runtime image is spec.runtime.image"),
                         ("args", "the runtime's command is the operator's; its settings are spec.runtime fields"),
                         ("command", "the runtime's command is the operator's"),
                         ("ports", "ports are the operator's: 8080 HTTP, 8081 gRPC"),
                         ("readinessProbe", "probes are the operator's"),
                         ("livenessProbe", "probes are the operator's"),
-                        ("image", "use spec.runtime.image (an image built on the runtime's)")):
-        if key in source:
-            lost.append(f"{path}.{key}: {reason}")
-    if source.get("protocolVersion") == "grpc-v1":
-        lost.append(f"{path}.protocolVersion: grpc-v1 is not served (V1 over HTTP, V2 over HTTP and gRPC)")
-    return model
+                        ("image", "use spec.runtime.image (an image built on the runtime's)"),
+                        ("workingDir", "the runtime's command is the operator's"),
+                        ("startupProbe", "probes are the operator's")))
 
 
 def _runtime(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
@@ -207,31 +225,78 @@ def _runtime(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     return runtime
 
 
-def _resources(predictor: dict[str, Any], lost: list[str]) -> dict[str, Any]:
+def _resources(predictor: dict[str, Any], pod_template: dict[str, Any], lost: list[str]) -> dict[str, Any]:
+    """CPU request, memory and GPUs into spec.resources; a CPU limit, a memory request below the limit
+    and any other resource (ephemeral-storage) into the runtime entry of the pod template."""
     source = _model_block(predictor)[0] or {}
     resources = source.get("resources") or {}
     requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
     out: dict[str, Any] = {}
+    extra: dict[str, dict[str, Any]] = {"limits": {}, "requests": {}}
     if "cpu" in requests or "cpu" in limits:
         out["cpu"] = requests.get("cpu", limits.get("cpu"))
     if "cpu" in limits:
-        lost.append(f"spec.predictor.model.resources.limits.cpu: {limits['cpu']} is not set: forkless requests "
-                    f"{out['cpu']} CPU and sets no CPU limit (a limit throttles the workers' threads)")
+        extra["limits"]["cpu"] = limits["cpu"]
     memory = limits.get("memory", requests.get("memory"))
     if memory is not None:
         out["memory"] = memory
         if "memory" in requests and "memory" in limits and requests["memory"] != limits["memory"]:
-            lost.append(f"spec.predictor.model.resources.requests.memory: {requests['memory']} becomes "
-                        f"{limits['memory']}: forkless requests its memory limit (a model's memory is not elastic)")
-    gpu_keys = [k for k in {**requests, **limits} if k.startswith("nvidia.com/")]
+            extra["requests"]["memory"] = requests["memory"]
+    gpu_keys = [k for k in {**requests, **limits} if "gpu" in k or k.startswith("nvidia.com/")]
     for key in gpu_keys:
         out["gpus"] = int(limits.get(key) or requests.get(key) or 0)
         if key != "nvidia.com/gpu":
             out["gpuResourceName"] = key
-    for key in {**requests, **limits}:
-        if key not in ("cpu", "memory") and key not in gpu_keys:
-            lost.append(f"spec.predictor.model.resources.{key}: not carried")
+    for kind, quantities in (("requests", requests), ("limits", limits)):
+        for key, value in quantities.items():
+            if key not in ("cpu", "memory") and key not in gpu_keys:
+                extra[kind][key] = value
+    extra = {kind: quantities for kind, quantities in extra.items() if quantities}
+    if extra:
+        _runtime_entry(pod_template)["resources"] = extra
     return out
+
+
+def _runtime_entry(pod_template: dict[str, Any]) -> dict[str, Any]:
+    containers = pod_template.setdefault("spec", {}).setdefault("containers", [])
+    if not containers:
+        containers.append({"name": RUNTIME_CONTAINER_NAME})
+    entry: dict[str, Any] = containers[0]
+    return entry
+
+
+def _pod(predictor: dict[str, Any], pod_template: dict[str, Any], lost: list[str]) -> None:
+    """The predictor's pod fields, labels and annotations, and its container's mounts and security
+    context, into spec.podTemplate; what the operator owns there is named instead."""
+    metadata: dict[str, Any] = {}
+    labels = {k: v for k, v in (predictor.get("labels") or {}).items() if not k.startswith("app.kubernetes.io/")}
+    for key in set(predictor.get("labels") or {}) - set(labels):
+        lost.append(f"spec.predictor.labels.{key}: app.kubernetes.io/ labels are the operator's")
+    if labels:
+        metadata["labels"] = labels
+    if predictor.get("annotations"):
+        metadata["annotations"] = dict(predictor["annotations"])
+    if metadata:
+        pod_template["metadata"] = metadata
+    for key in POD_FIELDS:
+        value = predictor.get(key)
+        if not value:
+            continue
+        if key == "volumes":
+            value = [v for v in value if v.get("name") not in OPERATOR_VOLUMES]
+            for volume in set(v.get("name") for v in predictor["volumes"]) & set(OPERATOR_VOLUMES):
+                lost.append(f"spec.predictor.volumes.{volume}: the volume name is the operator's; rename it")
+        if value:
+            pod_template.setdefault("spec", {})[key] = value
+    source = _model_block(predictor)[0] or {}
+    for key in ("volumeMounts", "envFrom", "securityContext", "lifecycle"):
+        value = source.get(key)
+        if key == "volumeMounts" and value:
+            value = [m for m in value if m.get("mountPath") != "/dev/shm"]
+            if len(value) != len(source[key]):
+                lost.append("spec.predictor.model.volumeMounts: /dev/shm is the operator's (resources.sharedMemory)")
+        if value:
+            _runtime_entry(pod_template)[key] = value
 
 
 def _scheduling(predictor: dict[str, Any]) -> dict[str, Any]:

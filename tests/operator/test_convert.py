@@ -13,18 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 from forkless_operator.convert import convert
+from forkless_operator.render import render_deployment
+from forkless_operator.settings import Settings
 from forkless_operator.spec import InferenceService
 
 SAMPLES = Path(__file__).parent / "kserve_samples"
 CLI = [sys.executable, "-m", "forkless_operator.cli", "convert"]
 
-# What becomes of each sample: "partial" converts with named losses, "refused" names why it cannot.
+# What becomes of each sample: "complete" carries every field, "partial" converts with named losses,
+# "refused" names why it cannot.
 OUTCOMES = {
     "01-torchserve-v1.yaml": ("refused", "KServe's pytorch format is TorchServe (.mar archives)"),
     "02-torchserve-v2-gpu.yaml": ("refused", "KServe's pytorch format is TorchServe"),
-    "03-triton-torchscript.yaml": ("partial", "limits.cpu: 1 is not set"),
-    "04-onnx.yaml": ("partial", "requests.memory: 512Mi becomes 1Gi"),
-    "05-custom-predictor.yaml": ("refused", "a custom predictor container is not run"),
+    "03-triton-torchscript.yaml": ("complete", ""),
+    "04-onnx.yaml": ("complete", ""),
+    "05-custom-predictor.yaml": ("refused", "model.format: kserve, model.handler: module:Class"),
     "06-canary.yaml": ("refused", "scikit-learn models are not served"),
     "07-kpa-concurrency-gpu.yaml": ("refused", "TensorFlow SavedModels are not served"),
     "08-hpa-standard.yaml": ("refused", "scikit-learn models are not served"),
@@ -37,9 +40,10 @@ OUTCOMES = {
 def test_each_kserve_sample_converts_or_says_why_not(name: str) -> None:
     outcome, reason = OUTCOMES[name]
     result = convert(yaml.safe_load((SAMPLES / name).read_text()))
-    assert any(reason in line for line in result.lost), result.lost
-    assert (result.manifest is not None) == (outcome == "partial")
-    assert not result.complete
+    assert result.complete == (outcome == "complete"), result.lost
+    if outcome != "complete":
+        assert any(reason in line for line in result.lost), result.lost
+    assert (result.manifest is not None) == (outcome != "refused")
 
 
 def test_the_triton_sample_becomes_a_repository_with_its_thread_budget() -> None:
@@ -48,6 +52,39 @@ def test_the_triton_sample_becomes_a_repository_with_its_thread_budget() -> None
     assert result.manifest["spec"]["model"] == {"uri": "gs://kfserving-examples/models/torchscript", "repository": True}
     assert result.manifest["spec"]["runtime"] == {"threadsPerWorker": 1}
     assert result.manifest["spec"]["resources"] == {"cpu": "1", "memory": "2Gi"}
+    # KServe's CPU limit stays a limit: the runtime sizes its threads from the container's quota.
+    assert result.manifest["spec"]["podTemplate"] == {"spec": {"containers": [
+        {"name": "runtime", "resources": {"limits": {"cpu": "1"}}}]}}
+
+
+def test_the_onnx_samples_requests_below_its_limits_stay_so_through_the_pod_template() -> None:
+    result = convert(yaml.safe_load((SAMPLES / "04-onnx.yaml").read_text()))
+    assert result.manifest is not None
+    service = InferenceService.model_validate({**result.manifest, "metadata": {"name": "s", "namespace": "n"}})
+    (container,) = render_deployment(service, Settings(runtime_image="r:1"))["spec"]["template"]["spec"]["containers"]
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "512Mi"},
+                                      "limits": {"cpu": "1", "memory": "1Gi"}}
+
+
+def test_pod_fields_of_the_predictor_reach_the_pod_template() -> None:
+    body = yaml.safe_load(FULL)
+    predictor = body["spec"]["predictor"]
+    predictor.update(labels={"team": "vision", "app.kubernetes.io/name": "x"}, annotations={"a": "b"},
+                     imagePullSecrets=[{"name": "regcred"}], runtimeClassName="nvidia",
+                     volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "model", "emptyDir": {}}])
+    predictor["model"]["volumeMounts"] = [{"name": "scratch", "mountPath": "/scratch"}]
+    predictor["model"]["resources"]["limits"]["ephemeral-storage"] = "5Gi"
+    result = convert(body)
+    assert result.manifest is not None
+    assert result.manifest["spec"]["podTemplate"] == {
+        "metadata": {"labels": {"team": "vision"}, "annotations": {"a": "b"}},
+        "spec": {"imagePullSecrets": [{"name": "regcred"}], "runtimeClassName": "nvidia",
+                 "volumes": [{"name": "scratch", "emptyDir": {}}],
+                 "containers": [{"name": "runtime", "resources": {"limits": {"ephemeral-storage": "5Gi"}},
+                                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]}}
+    assert sorted(result.lost) == ["spec.predictor.labels.app.kubernetes.io/name: app.kubernetes.io/ labels are the "
+                                   "operator's",
+                                   "spec.predictor.volumes.model: the volume name is the operator's; rename it"]
 
 
 FULL = """
@@ -109,13 +146,15 @@ def test_fields_forkless_cannot_carry_are_each_named() -> None:
     body = yaml.safe_load(FULL)
     body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "Serverless"
     predictor = body["spec"]["predictor"]
-    predictor.update(minReplicas=0, scaleMetric="concurrency", logger={"mode": "all"}, imagePullSecrets=[{"name": "r"}])
+    predictor.update(minReplicas=0, scaleMetric="concurrency", logger={"mode": "all"})
+    predictor["model"].update(ports=[{"containerPort": 9000}], stdin=True)
     predictor["model"]["env"].append({"name": "FORKLESS_MAX_QUEUE", "value": "1"})
     body["spec"]["transformer"] = {"containers": []}
     lost = "\n".join(convert(body).lost)
     for expected in ("deploymentMode: Serverless: no Knative", "minReplicas: 0 (scale to zero)",
                      "scaleMetric: concurrency is not scaled on", "spec.predictor.logger: no payload logger",
-                     "spec.predictor.imagePullSecrets", "FORKLESS_MAX_QUEUE: FORKLESS_* names are the runtime's",
+                     "spec.predictor.model.ports: ports are the operator's", "spec.predictor.model.stdin: not carried",
+                     "FORKLESS_MAX_QUEUE: FORKLESS_* names are the runtime's",
                      "spec.transformer: forkless serves the predictor only"):
         assert expected in lost, lost
 
@@ -131,7 +170,7 @@ def test_the_command_reads_files_and_stdin_and_says_by_its_exit_code_whether_all
                            capture_output=True, text=True)
     assert every.returncode == 3
     assert len(list(yaml.safe_load_all(every.stdout))) == 2
-    assert "converted 0 of 10 InferenceService(s) completely; 2 with fields not carried, 8 not at all" in every.stderr
+    assert "converted 2 of 10 InferenceService(s) completely; 0 with fields not carried, 8 not at all" in every.stderr
     assert "torchserve: spec.predictor.model.modelFormat: pytorch" in every.stderr
     broken = subprocess.run([*CLI, "-f", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert broken.returncode == 2 and "missing.yaml" in broken.stderr
