@@ -160,5 +160,6 @@ def test_the_pod_carries_what_the_pod_template_adds(kube: Kube, deployed: Deploy
     assert set(statuses) == {"runtime", "sidecar"} and all(s["ready"] for s in statuses.values())
     runtime = next(c for c in pod["spec"]["containers"] if c["name"] == "runtime")
     assert runtime["resources"]["limits"] == {"cpu": "2", "ephemeral-storage": "1Gi", "memory": "3Gi"}
-    assert runtime["resources"]["requests"] == {"cpu": "100m", "memory": "3Gi"}
+    # The API server defaults a request from a limit given alone (ephemeral-storage).
+    assert runtime["resources"]["requests"] == {"cpu": "100m", "memory": "3Gi", "ephemeral-storage": "1Gi"}
     assert runtime["command"] == ["forkless-runtime", "serve"]
