@@ -85,3 +85,4 @@ clean:
 # (tests/runtime/test_codecs.py fails when the committed pb2 drifts from the proto).
 proto: venv
 	cd runtime/forkless_runtime/protocol/proto && ../../../../$(PY) -m grpc_tools.protoc -I. --python_out=.. --pyi_out=.. grpc_service.proto
+	cd operator/forkless_operator/proto && ../../../$(PY) -m grpc_tools.protoc -I. --python_out=.. --pyi_out=.. externalscaler.proto

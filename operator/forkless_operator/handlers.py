@@ -31,6 +31,7 @@ from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
 from forkless_operator.drift import AppliedChildren
 from forkless_operator.memory import MemoryDiffBaseStorage, MemoryProgressStorage
 from forkless_operator.reconcile import (
+    KindNotServed,
     apply_children,
     download_credentials,
     freshest_deployment,
@@ -38,6 +39,7 @@ from forkless_operator.reconcile import (
     parse,
     validation_message,
 )
+from forkless_operator.scaler import ScalerServer
 from forkless_operator.settings import get_settings
 from forkless_operator.spec import API_VERSION, GROUP, InferenceServiceStatus
 from forkless_operator.status import APPLIED, compute_status, invalid_spec_status, new_problem
@@ -50,6 +52,7 @@ OWNED = {MANAGED_BY: OPERATOR}
 RETRY_DELAY_S = 10
 # A missing ServiceAccount or Secret is looked for again this often, until it appears.
 CREDENTIALS_RETRY_DELAY_S = 30
+NOT_SERVED_RETRY_DELAY_S = 60  # KEDA installed later is found within a minute
 PEERING_NAME = "forkless-operator"
 
 ISVC = kinds.INFERENCE_SERVICE.resource
@@ -97,6 +100,29 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
         settings.watching.label_selectors[selector] = f"{MANAGED_BY}={OPERATOR}"
     get_kube()  # fail at start-up, not at the first event, when no credentials can be found
     logger.info("forkless-operator configured; runtime image %s", get_settings().runtime_image)
+
+
+SCALER: list[ScalerServer] = []  # the running external scaler, if any
+
+
+@kopf.on.startup()
+async def start_scaler(logger: Logger, **_: Any) -> None:
+    """KEDA's external scaler (autoscaling.class keda), in kopf's own event loop."""
+    port = get_settings().scaler_port
+    if port and not SCALER:
+        server = ScalerServer(port)
+        try:
+            await server.start()
+        except OSError as error:  # the operator's own work goes on; KEDA's triggers will say they fail
+            logger.error("KEDA's external scaler is not served: %s", error)
+            return
+        SCALER.append(server)
+
+
+@kopf.on.cleanup()
+async def stop_scaler(**_: Any) -> None:
+    while SCALER:
+        await SCALER.pop().stop()
 
 
 # --- in-memory views of what the watches have seen ----------------------------------------------
@@ -202,6 +228,16 @@ def reconcile(
         warn_on_transition(body, previous, status)
         if credentials_problem is not None:
             raise kopf.TemporaryError(credentials_problem.message, delay=CREDENTIALS_RETRY_DELAY_S)
+    except KindNotServed as missing:  # e.g. KEDA not installed: said in Ready, rechecked every minute
+        STATUS.problems[key] = missing.observation
+        with STATUS.lock(key):
+            previous = STATUS.previous(key, body.get("status"))
+            status = compute_status(isvc, _first(deployment_index, key), pod_index.get(key, []), generation,
+                                    reconciled=missing.observation, problem=missing.observation,
+                                    previous=previous, settings=settings)
+            STATUS.write(kube.apply_status, key, status, body.get("status"))
+        warn_on_transition(body, previous, status)
+        raise kopf.TemporaryError(missing.observation.message, delay=NOT_SERVED_RETRY_DELAY_S) from missing
     except ApiException as error:
         metrics.REGISTRY.error(f"Api{error.status}")
         if is_retryable(error):

@@ -41,6 +41,8 @@ DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+# KEDA's; rendered for autoscaling.class keda only, where KEDA is installed.
+SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
 # The children, in apply order; optional ones (HPA, PDB) are deleted when no longer rendered. The
 # `-predictor` Service is KServe's name for the same pods: KServe clients keep their URL.
 CHILDREN = (
@@ -48,9 +50,10 @@ CHILDREN = (
     Child("Service", SERVICE),
     Child("PredictorService", SERVICE, "-predictor"),
     Child("HorizontalPodAutoscaler", HPA),
+    Child("ScaledObject", SCALED_OBJECT),
     Child("PodDisruptionBudget", PDB),
 )
-CHILD_KINDS = (DEPLOYMENT, SERVICE, HPA, PDB)  # each watched once
+CHILD_KINDS = (DEPLOYMENT, SERVICE, HPA, SCALED_OBJECT, PDB)  # each watched once
 
 
 def child_of(kind: str, name: str, owner: str) -> Child | None:

@@ -39,24 +39,49 @@ def validation_message(error: ValidationError) -> str:
     )
 
 
+class KindNotServed(Exception):
+    """A child's kind is not served by this cluster (KEDA's ScaledObject without KEDA)."""
+
+    def __init__(self, observation: Observation) -> None:
+        super().__init__(observation.message)
+        self.observation = observation
+
+
+# Kinds that another project installs, and what their absence means for the user.
+NOT_SERVED = {
+    "ScaledObject": Observation(False, "KEDANotInstalled",
+                                "autoscaling.class keda needs KEDA (scaledobjects.keda.sh is not served by this "
+                                "cluster): install KEDA, or use class hpa or external"),
+}
+
+
 def apply_children(kube: Kube, isvc: InferenceService, applied: AppliedChildren, settings: Settings,
                    *, prune: bool, credentials: StorageCredentials = NO_CREDENTIALS) -> dict[str, Any]:
     """Server-side apply every rendered child, in kinds.CHILDREN order, and remember what was applied.
 
-    With ``prune``, the optional children no longer rendered are deleted; a new InferenceService
-    has nothing to prune, which saves two requests per create. Returns the objects as applied.
+    With ``prune``, the optional children no longer rendered are deleted first: an HPA must be gone
+    before KEDA is given the same Deployment (two autoscalers would fight over it). A new
+    InferenceService has nothing to prune, which saves requests per create. Returns the objects as
+    applied; raises KindNotServed when a child's kind is not installed.
     """
     key = (isvc.metadata.namespace, isvc.metadata.name)
     result: dict[str, Any] = {}
     children = render_children(isvc, settings, credentials)
     for child in kinds.CHILDREN:
-        manifest = children[child.role]
-        if manifest is None:
+        if children[child.role] is None:
             applied.forget_child(child.role, key)
             if prune:
                 kube.delete(child.kind.api_version, child.kind.kind, key[0], child.name(key[1]))
+    for child in kinds.CHILDREN:
+        manifest = children[child.role]
+        if manifest is None:
             continue
-        result[child.role] = kube.apply(manifest)
+        try:
+            result[child.role] = kube.apply(manifest)
+        except ApiException as error:
+            if error.status == 404 and child.role in NOT_SERVED:
+                raise KindNotServed(NOT_SERVED[child.role]) from error
+            raise
         applied.remember(child.role, key, manifest, result[child.role])
     return result
 

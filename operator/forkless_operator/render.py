@@ -33,8 +33,10 @@ from forkless_operator.spec import (
     API_VERSION,
     INIT_CONTAINER_NAMES,
     KIND,
+    LOAD_METRICS,
     OPERATOR_DRAIN_DELAY_S,
     RUNTIME_CONTAINER_NAME,
+    AutoscalingSpec,
     InferenceService,
 )
 
@@ -482,30 +484,101 @@ def render_service(isvc: InferenceService, settings: Settings | None = None, suf
     }
 
 
+def _behavior(autoscaling: AutoscalingSpec) -> dict[str, Any] | None:
+    """The HPA's stabilization windows, where the spec gives them."""
+    behavior = {}
+    if autoscaling.scale_up_seconds is not None:
+        behavior["scaleUp"] = {"stabilizationWindowSeconds": autoscaling.scale_up_seconds}
+    if autoscaling.scale_down_seconds is not None:
+        behavior["scaleDown"] = {"stabilizationWindowSeconds": autoscaling.scale_down_seconds}
+    return behavior or None
+
+
+def _target_quantity(value: float) -> str:
+    """A per-replica target as a Quantity: whole numbers plain, fractions in milli-units."""
+    return str(int(value)) if value == int(value) else f"{round(value * 1000)}m"
+
+
 def render_hpa(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any] | None:
-    """An autoscaling/v2 HorizontalPodAutoscaler on the Deployment, or None without spec.autoscaling."""
+    """An autoscaling/v2 HorizontalPodAutoscaler on the Deployment (autoscaling.class hpa), or None.
+
+    On cpu: utilization of the CPU request. On a load metric: the pods' own forkless_* gauge,
+    averaged per pod, which a custom metrics adapter (prometheus-adapter) must serve."""
     autoscaling = isvc.spec.autoscaling
-    if autoscaling is None:
+    if autoscaling is None or autoscaling.class_ != "hpa":
         return None
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(isvc),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
-            "minReplicas": autoscaling.min_replicas,
-            "maxReplicas": autoscaling.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {"type": "Utilization", "averageUtilization": autoscaling.target_cpu_utilization},
-                    },
-                }
-            ],
-        },
+    target = autoscaling.effective_target
+    if autoscaling.metric == "cpu":
+        metric: dict[str, Any] = {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": int(target)}}}
+    else:
+        metric = {"type": "Pods", "pods": {"metric": {"name": LOAD_METRICS[autoscaling.metric]},
+                                           "target": {"type": "AverageValue",
+                                                      "averageValue": _target_quantity(target)}}}
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
+        "minReplicas": autoscaling.min_replicas,
+        "maxReplicas": autoscaling.max_replicas,
+        "metrics": [metric],
     }
+    behavior = _behavior(autoscaling)
+    if behavior:
+        spec["behavior"] = behavior
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(isvc),
+            "spec": spec}
+
+
+def fully_loaded(isvc: InferenceService) -> int:
+    """The load a replica that cannot report its own counts as: its queue limit (plus what its workers
+    hold, for inFlight). A saturated server is the one likeliest to miss a scrape."""
+    spec = isvc.spec
+    queue = spec.runtime.max_queue or int(DEFAULTS["max_queue"])
+    if spec.autoscaling is not None and spec.autoscaling.metric == "inFlight":
+        workers = spec.workers if isinstance(spec.workers, int) else 1
+        batch = spec.runtime.batching.max_batch_size if spec.runtime.batching and spec.runtime.batching.max_batch_size else 1
+        return queue + workers * batch
+    return queue
+
+
+# How often KEDA asks for the load (its default, 30 s, is slow for request bursts).
+KEDA_POLLING_INTERVAL_S = 5
+
+
+def render_scaled_object(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any] | None:
+    """A KEDA ScaledObject on the Deployment (autoscaling.class keda), or None.
+
+    Its trigger is the operator itself (KEDA's external scaler protocol: forkless_operator.scaler
+    reads each ready pod's /metrics), or a Prometheus query when the operator knows a Prometheus.
+    Trigger metadata are strings, as KEDA's CRD requires."""
+    autoscaling = isvc.spec.autoscaling
+    if autoscaling is None or autoscaling.class_ != "keda":
+        return None
+    settings = settings or get_settings()
+    target = autoscaling.effective_target
+    name, namespace = isvc.metadata.name, isvc.metadata.namespace
+    if settings.prometheus_address:
+        # One element (KEDA refuses several): the sum over this InferenceService's pods.
+        trigger: dict[str, Any] = {"type": "prometheus", "metadata": {
+            "serverAddress": settings.prometheus_address,
+            "query": (f'sum({LOAD_METRICS[autoscaling.metric]}{{namespace="{namespace}",'
+                      f'pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}})'),
+            "threshold": _target_quantity(target)}}
+    else:
+        trigger = {"type": "external", "metadata": {
+            "scalerAddress": settings.scaler_address, "metric": autoscaling.metric,
+            "target": _target_quantity(target), "inferenceService": name,
+            "fullyLoaded": str(fully_loaded(isvc))}}
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicaCount": autoscaling.min_replicas,
+        "maxReplicaCount": autoscaling.max_replicas,
+        "pollingInterval": KEDA_POLLING_INTERVAL_S,
+        "triggers": [trigger],
+    }
+    behavior = _behavior(autoscaling)
+    if behavior:
+        spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": behavior}}
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _metadata(isvc), "spec": spec}
 
 
 def render_pdb(isvc: InferenceService, settings: Settings | None = None) -> dict[str, Any] | None:
@@ -531,5 +604,6 @@ def render_children(isvc: InferenceService, settings: Settings | None = None,
         "Service": render_service(isvc, settings),
         "PredictorService": render_service(isvc, settings, suffix="-predictor"),
         "HorizontalPodAutoscaler": render_hpa(isvc, settings),
+        "ScaledObject": render_scaled_object(isvc, settings),
         "PodDisruptionBudget": render_pdb(isvc, settings),
     }

@@ -34,6 +34,12 @@ class Settings:
     cluster_domain: str = "cluster.local"
     log_format: str = "json"
     """--log-format of the runtime when spec.runtime.logFormat is omitted: text or json."""
+    scaler_address: str = "forkless-scaler.forkless-system.svc.cluster.local:9091"
+    """host:port where KEDA reaches the operator's external scaler (autoscaling.class keda); the chart sets it."""
+    scaler_port: int = 9091
+    """Port the operator serves KEDA's external scaler protocol on (0: not served)."""
+    prometheus_address: str = ""
+    """A Prometheus that scrapes the runtime pods: when set, class keda renders a Prometheus trigger instead."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

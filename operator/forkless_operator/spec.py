@@ -589,25 +589,94 @@ MIN_MAX_REPLICAS_RULE = Rule(
 )
 
 
+# What each load metric reads from the runtime's /metrics (summed over its models), per replica.
+LOAD_METRICS = {"queueDepth": "forkless_queue_depth", "inFlight": "forkless_requests_in_flight"}
+KEDA_NEEDS_LOAD_METRIC_RULE = Rule(
+    rule="!has(self.class) || self.class != 'keda' || !has(self.metric) || self.metric != 'cpu'",
+    message=("class keda scales on a load metric (queueDepth or inFlight): CPU utilization needs no scaler, "
+             "use class hpa"),
+    holds=lambda a: a.class_ != "keda" or a.metric != "cpu",
+)
+CPU_TARGET_IS_CPU_RULE = Rule(
+    rule="!has(self.targetCPUUtilization) || !has(self.metric) || self.metric == 'cpu'",
+    message="targetCPUUtilization applies to metric cpu only: give target for queueDepth or inFlight",
+    holds=lambda a: a.target_cpu_utilization is None or a.metric == "cpu",
+)
+CPU_TARGET_PERCENT_RULE = Rule(
+    rule="!has(self.metric) || self.metric != 'cpu' || !has(self.target) || (self.target >= 1.0 && self.target <= 100.0)",
+    message="a cpu target is a utilization in percent of the CPU request: between 1 and 100",
+    holds=lambda a: a.metric != "cpu" or a.target is None or 1 <= a.target <= 100,
+)
+
+
 class AutoscalingSpec(_Model):
-    """A HorizontalPodAutoscaler (autoscaling/v2) on the runtime Deployment."""
+    """Who scales the runtime Deployment, on what: an HPA on CPU, KEDA (or an HPA) on the load the
+    pods report, or someone else through the /scale subresource."""
 
     min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas the autoscaler keeps.")
     max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas the autoscaler creates.")
-    target_cpu_utilization: int = Field(
-        default=80,
+    metric: Literal["cpu", "queueDepth", "inFlight"] = Field(
+        default="cpu",
+        description=(
+            "What is scaled on. cpu: CPU utilization of the CPU request (a GPU server's CPU idles while its GPU "
+            "saturates); queueDepth: requests waiting in the replicas' batchers; inFlight: requests queued or "
+            "running in the replicas. The target is per replica."
+        ),
+    )
+    target: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description=(
+            "The metric's target per replica: utilization percent for cpu (default 80), requests for "
+            "queueDepth (default 4) and inFlight (default 8). Replicas = ceil(total / target)."
+        ),
+    )
+    target_cpu_utilization: int | None = Field(
+        default=None,
         ge=1,
         le=100,
         alias="targetCPUUtilization",
-        description="Average CPU utilization, in percent of the CPU request, that the autoscaler aims for.",
+        description="Older spelling of target for metric cpu, in percent of the CPU request.",
+    )
+    class_: Literal["hpa", "keda", "external"] = Field(
+        default="hpa",
+        alias="class",
+        description=(
+            "hpa: a HorizontalPodAutoscaler (load metrics need a custom metrics adapter serving the pods' "
+            "forkless_* metrics); keda: a KEDA ScaledObject whose trigger is the operator itself (KEDA's external "
+            "scaler protocol, reading each ready pod's /metrics; no Prometheus, no query to write), or a "
+            "Prometheus trigger when the operator is given a Prometheus address; external: nothing is rendered and "
+            "replicas are left alone, for an autoscaler of your own on the /scale subresource."
+        ),
+    )
+    scale_up_seconds: int | None = Field(
+        default=None, ge=0, le=3600,
+        description="How long a higher recommendation must hold before scaling up (stabilization window). Default 0.",
+    )
+    scale_down_seconds: int | None = Field(
+        default=None, ge=0, le=3600,
+        description="How long a lower recommendation must hold before scaling down (stabilization window). Default 300.",
     )
 
-    model_config = ConfigDict(json_schema_extra=validations(MIN_MAX_REPLICAS_RULE))
+    model_config = ConfigDict(json_schema_extra=validations(
+        MIN_MAX_REPLICAS_RULE, KEDA_NEEDS_LOAD_METRIC_RULE, CPU_TARGET_IS_CPU_RULE, CPU_TARGET_PERCENT_RULE))
 
     @model_validator(mode="after")
-    def _min_max(self) -> AutoscalingSpec:
-        MIN_MAX_REPLICAS_RULE.check(self)
+    def _rules(self) -> AutoscalingSpec:
+        for rule in (MIN_MAX_REPLICAS_RULE, KEDA_NEEDS_LOAD_METRIC_RULE, CPU_TARGET_IS_CPU_RULE,
+                     CPU_TARGET_PERCENT_RULE):
+            rule.check(self)
         return self
+
+    @property
+    def effective_target(self) -> float:
+        """The target per replica after defaulting."""
+        if self.target is not None:
+            return self.target
+        if self.metric == "cpu":
+            return float(self.target_cpu_utilization or 80)
+        return 4.0 if self.metric == "queueDepth" else 8.0
 
 
 OPAQUE_LIST: JsonDict = {"x-kubernetes-list-type": "atomic", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
@@ -853,9 +922,11 @@ REPLICAS_OR_AUTOSCALING_RULE = Rule(
     holds=lambda s: s.replicas is None or s.autoscaling is None,
 )
 AUTOSCALING_NEEDS_CPU_RULE = Rule(
-    rule="!has(self.autoscaling) || has(self.resources.cpu)",
-    message="autoscaling requires resources.cpu: the autoscaler measures utilization against the CPU request",
-    holds=lambda s: s.autoscaling is None or s.resources.cpu is not None,
+    rule=("!has(self.autoscaling) || (has(self.autoscaling.metric) && self.autoscaling.metric != 'cpu') || "
+          "(has(self.autoscaling.class) && self.autoscaling.class == 'external') || has(self.resources.cpu)"),
+    message="autoscaling on cpu requires resources.cpu: the autoscaler measures utilization against the CPU request",
+    holds=lambda s: (s.autoscaling is None or s.autoscaling.metric != "cpu" or s.autoscaling.class_ == "external"
+                     or s.resources.cpu is not None),
 )
 GPU_FRACTION_NEEDS_GPUS_RULE = Rule(
     rule="!has(self.runtime.gpuMemoryFraction) || self.resources.gpus > 0",

@@ -192,7 +192,8 @@ NEEDED = [
     ("get", ISVC, "status"), ("patch", ISVC, "status"),
     ("update", ISVC, "finalizers"),
     *[(verb, kind) for kind in ("deployments.apps", "services") for verb in ("get", "list", "watch", "create", "patch")],
-    *[(verb, kind) for kind in ("horizontalpodautoscalers.autoscaling", "poddisruptionbudgets.policy")
+    *[(verb, kind) for kind in ("horizontalpodautoscalers.autoscaling", "poddisruptionbudgets.policy",
+                                "scaledobjects.keda.sh")
       for verb in ("get", "list", "watch", "create", "patch", "delete")],
     ("get", "pods"), ("list", "pods"), ("watch", "pods"),
     ("get", "persistentvolumeclaims"),

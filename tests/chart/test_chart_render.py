@@ -13,6 +13,9 @@ from forkless_operator.cli import build_parser
 from forkless_operator.settings import ENV_PREFIX, Settings
 
 from tests.chart.conftest import CHART, Helm, by_kind, one
+from tests.conftest import REPO
+
+LOCAL_VALUES = REPO / "hack" / "local-values.yaml"
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 PEERING_API = "kopf.dev/v1/ClusterKopfPeering"
@@ -156,7 +159,8 @@ def test_labels_and_immutable_selectors(helm: Helm) -> None:
     selector = {"app.kubernetes.io/name": "forkless-operator", "app.kubernetes.io/instance": "t"}
     assert one(objects, "Deployment")["spec"]["selector"]["matchLabels"] == selector
     assert one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
-    assert one(objects, "Service")["spec"]["selector"] == selector
+    for service in by_kind(objects, "Service"):  # metrics and KEDA's scaler
+        assert service["spec"]["selector"] == selector
 
 
 def test_service_monitor_only_when_enabled_and_served(helm: Helm) -> None:
@@ -171,8 +175,23 @@ def test_service_monitor_only_when_enabled_and_served(helm: Helm) -> None:
 
 def test_no_metrics_means_no_port_no_service(helm: Helm) -> None:
     objects = helm.template("--set", "metrics.enabled=false")
-    assert not by_kind(objects, "Service")
+    assert [s["metadata"]["name"] for s in by_kind(objects, "Service")] == ["t-forkless-scaler"]
     assert "--metrics-port=0" in operator_args(objects)
+
+
+def test_the_scaler_is_a_grpc_service_whose_address_the_operator_renders_into_scaled_objects(helm: Helm) -> None:
+    objects = helm.template()
+    service = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "t-forkless-scaler")
+    assert service["spec"]["ports"] == [{"name": "grpc", "port": 9091, "targetPort": "scaler", "protocol": "TCP",
+                                         "appProtocol": "kubernetes.io/h2c"}]
+    data = one(objects, "ConfigMap")["data"]
+    assert data["FORKLESS_OPERATOR_SCALER_ADDRESS"] == "t-forkless-scaler.forkless-system.svc.cluster.local:9091"
+    assert data["FORKLESS_OPERATOR_SCALER_PORT"] == "9091"
+    off = helm.template("--set", "scaler.enabled=false")
+    assert one(off, "ConfigMap")["data"]["FORKLESS_OPERATOR_SCALER_PORT"] == "0"
+    assert all(s["metadata"]["name"] != "t-forkless-scaler" for s in by_kind(off, "Service"))
+    fixed = helm.template("-f", str(LOCAL_VALUES))
+    assert one(fixed, "ConfigMap")["data"]["FORKLESS_OPERATOR_SCALER_ADDRESS"] == "10.96.0.91:9091"
 
 
 def test_every_value_is_in_the_schema_and_documented() -> None:

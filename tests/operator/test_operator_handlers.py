@@ -191,12 +191,15 @@ def test_an_invalid_spec_gives_a_message_naming_the_field() -> None:
 
 
 def test_every_rendered_child_kind_is_in_the_one_table_and_has_a_path() -> None:
-    body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u"},
-            "spec": {"model": {"uri": "file:///m.pt"}, "autoscaling": {"maxReplicas": 3}, "resources": {"cpu": 1}}}
-    children = render_children(InferenceService.model_validate(body))
-    assert list(children) == [child.role for child in kinds.CHILDREN]
+    rendered: dict[str, Any] = {}
+    for autoscaling in ({"maxReplicas": 3}, {"maxReplicas": 3, "class": "keda", "metric": "queueDepth"}):
+        body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u"},
+                "spec": {"model": {"uri": "file:///m.pt"}, "autoscaling": autoscaling, "resources": {"cpu": 1}}}
+        children = render_children(InferenceService.model_validate(body))
+        assert list(children) == [child.role for child in kinds.CHILDREN]
+        rendered.update({role: manifest for role, manifest in children.items() if manifest is not None})
     for child in kinds.CHILDREN:
-        manifest = children[child.role]
+        manifest = rendered.get(child.role)
         assert manifest is not None
         assert (manifest["apiVersion"], manifest["kind"]) in PLURALS
         assert manifest["kind"] == child.kind.kind and manifest["metadata"]["name"] == child.name("m")

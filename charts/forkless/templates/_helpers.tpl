@@ -75,6 +75,10 @@ No secrets, no nodes, no configmaps.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
+# KEDA's ScaledObjects, for autoscaling.class keda (nothing is read or written where KEDA is absent).
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]

@@ -220,7 +220,8 @@ class App:
         for model in self.models.values():
             pool = model.pool
             workers = [(w.slot, w.pid, w.ready) for w in pool.workers]
-            texts.append(model.metrics.render(len(model.batcher), workers, pool.gpu_memory(), pool.peak_memory()))
+            texts.append(model.metrics.render(len(model.batcher), workers, pool.gpu_memory(), pool.peak_memory(),
+                                              running=pool.inflight_count()))
         return merge_expositions(texts)
 
     # --- inference --------------------------------------------------------------------------

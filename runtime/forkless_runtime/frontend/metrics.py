@@ -145,8 +145,8 @@ class Metrics:
         return self.stats.as_dict(self.model, version, self.queue_seconds)
 
     def render(self, queue_depth: int, workers: list[tuple[int, int | None, bool]], gpu_memory: dict[int, int],
-               peak_memory: dict[int, int] | None = None) -> bytes:
-        """`workers` is (slot, pid, ready) per worker slot."""
+               peak_memory: dict[int, int] | None = None, running: int = 0) -> bytes:
+        """`workers` is (slot, pid, ready) per worker slot; `running` the requests in the workers' hands."""
         workers_ready = sum(1 for _, _, ready in workers if ready)
         labels = self._labels
         lines = [
@@ -166,6 +166,9 @@ class Metrics:
             "# HELP forkless_queue_depth Requests waiting in the batcher.",
             "# TYPE forkless_queue_depth gauge",
             f"forkless_queue_depth{{{labels}}} {queue_depth}",
+            "# HELP forkless_requests_in_flight Requests queued or running in a worker (what an autoscaler reads).",
+            "# TYPE forkless_requests_in_flight gauge",
+            f"forkless_requests_in_flight{{{labels}}} {queue_depth + running}",
             "# HELP forkless_workers_ready Workers with the model loaded and serving.",
             "# TYPE forkless_workers_ready gauge",
             f"forkless_workers_ready{{{labels}}} {workers_ready}",
