@@ -21,6 +21,8 @@ import pytest
 import yaml
 from forkless_operator.apply import FIELD_MANAGER
 from forkless_operator.crd import CRD_FILENAME
+from forkless_operator.render import render_children
+from forkless_operator.spec import InferenceService
 from forkless_operator.status_cache import DEFER_S
 from test_operator_spec import INVALID_EXAMPLES  # tests/operator is on sys.path (rootdir-less test dirs)
 
@@ -444,3 +446,51 @@ def test_converted_kserve_manifests_pass_server_side_dry_run(kube: Kube, crd: No
     path = tmp_path / "converted.yaml"
     path.write_text(yaml.safe_dump_all(converted))
     kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
+
+
+# --- autoscalers ----------------------------------------------------------------------------------
+
+KEDA_CRD = "scaledobjects.keda.sh"
+
+
+def keda_crds() -> Path:
+    """KEDA's CRDs as its pinned module ships them (the version hack/keda.sh runs)."""
+    version = next(line.split("=", 1)[1] for line in (ROOT / "hack" / "keda.sh").read_text().splitlines()
+                   if line.startswith("keda_version="))
+    found = subprocess.run(["go", "mod", "download", "-json", f"github.com/kedacore/keda/v2@{version}"],
+                           capture_output=True, text=True, check=True, timeout=300)
+    return Path(json.loads(found.stdout)["Dir"]) / "config" / "crd" / "bases"
+
+
+def test_without_keda_class_keda_says_so_and_with_it_every_autoscaler_is_accepted(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    kube.kubectl("delete", "crd", KEDA_CRD, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    body = example("mlp-cpu.yaml", rename="keda-queue")
+    del body["spec"]["replicas"]
+    body["spec"]["autoscaling"] = {"class": "keda", "metric": "queueDepth", "target": 4, "maxReplicas": 3}
+    kube.apply(body, namespace=namespace)
+    missing = wait_for(lambda: (c := ready(kube, namespace, "keda-queue")) and c["reason"] == "KEDANotInstalled" and c,
+                       60, "Ready=False KEDANotInstalled")
+    assert missing["status"] == "False" and "install KEDA" in missing["message"]
+    # KEDA's own CRDs: the operator applies the ScaledObject at its next try (within a minute).
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests", "-f", str(keda_crds()))
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{KEDA_CRD}")
+    scaled = wait_for(lambda: kube.json("get", KEDA_CRD, "-n", namespace, "-o", "json")["items"], 120,
+                      "the ScaledObject applied once KEDA's CRDs exist")
+    assert scaled[0]["spec"]["triggers"][0]["metadata"]["metric"] == "queueDepth"
+    assert not kube.json("get", "hpa", "-n", namespace)["items"]
+    # Every class and metric the renderer knows passes the API server's validation of its kind.
+    for autoscaling in ({"maxReplicas": 3}, {"maxReplicas": 3, "metric": "inFlight", "target": 2.5},
+                        {"class": "keda", "metric": "inFlight", "maxReplicas": 4, "scaleDownSeconds": 30}):
+        service = InferenceService.model_validate({**body, "metadata": {"name": "dry", "namespace": namespace},
+                                                   "spec": {**body["spec"], "autoscaling": autoscaling}})
+        for manifest in render_children(service).values():
+            if manifest is not None:
+                kube.kubectl("apply", "--dry-run=server", "--server-side", "--field-manager=forkless-tests",
+                             "-f", "-", input=json.dumps(manifest))
+    # Switching to class hpa replaces the ScaledObject: never two autoscalers on one Deployment.
+    kube.kubectl("patch", ISVC, "keda-queue", "-n", namespace, "--type=merge",
+                 "-p", json.dumps({"spec": {"autoscaling": {"class": "hpa"}}}))
+    wait_for(lambda: not kube.json("get", KEDA_CRD, "-n", namespace)["items"]
+             and kube.json("get", "hpa", "-n", namespace)["items"], 60, "the HPA instead of the ScaledObject")

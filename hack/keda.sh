@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# KEDA on the local cluster: its operator and its metrics API server (the adapter), built from
+# the pinned Go module and run as processes beside the control plane, with its CRDs.
+#
+#   hack/keda.sh build          build keda-operator and keda-adapter into the tools cache (once)
+#   hack/keda.sh up [DIR]       CRDs, certificates, both processes, the APIService; DIR is the
+#                               cluster's state directory (default .cluster/, as hack/cluster.sh)
+#   hack/keda.sh down [DIR]     stop both, remove the APIService (the CRDs stay, like any CRD)
+#   hack/keda.sh status [DIR]
+#
+# The module is github.com/kedacore/keda/v2 at $keda_version; it is built inside its own module
+# directory (its go.mod has a replace directive that a wrapper module would drop), one binary at a
+# time. KEDA runs as it does in its pods, with what its pods get from Kubernetes made by hand: a CA
+# and one certificate for the operator's metrics gRPC service and the adapter (KEDA's cert
+# rotation needs the kubelet to mount its Secret), the namespace variables, and a Service without
+# selector whose Endpoints point at this host, so that the API server's aggregator reaches the
+# adapter for external.metrics.k8s.io. The HPA that KEDA creates then reads its metrics there.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+keda_version=v2.21.0
+module=github.com/kedacore/keda/v2
+cache=${FORKLESS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/forkless/tools}/keda-$keda_version
+namespace=keda
+adapter_port=6443
+operator_grpc_port=9666
+
+say() { printf '[keda %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+module_dir() { go mod download -json "$module@$keda_version" | jq -r .Dir; }
+
+build() {
+	mkdir -p "$cache"
+	exec 9>"$cache/.lock"
+	flock 9
+	local dir component started
+	for component in operator adapter; do
+		[[ -x $cache/keda-$component ]] && continue
+		dir=$(module_dir)
+		started=$SECONDS
+		say "building keda-$component $keda_version (a large build: several minutes on two cores) ..."
+		(exec 9>&-; while sleep 60; do say "  ... still building keda-$component ($(fmt_duration $((SECONDS - started))))"; done) &
+		local ticker=$! status=0
+		(cd "$dir" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w -X github.com/kedacore/keda/v2/version.Version=$keda_version" \
+			-o "$cache/keda-$component.partial" "./cmd/$component") || status=$?
+		kill "$ticker" 2>/dev/null || true
+		wait "$ticker" 2>/dev/null || true
+		((status == 0)) || { rm -f "$cache/keda-$component.partial"; say "FAILED to build keda-$component"; return "$status"; }
+		mv "$cache/keda-$component.partial" "$cache/keda-$component"
+		say "built keda-$component in $(fmt_duration $((SECONDS - started)))"
+	done
+}
+
+state_dir() {
+	local dir=${1:-$root/.cluster}
+	[[ $dir == /* ]] || dir=$PWD/$dir
+	echo "$dir"
+}
+
+kubectl() { "$root/.tools/bin/kubectl" --kubeconfig "$state/kubeconfig" "$@"; }
+
+host_ip() { ip -4 -o route get 1.1.1.1 2>/dev/null | awk '{ for (i = 1; i < NF; i++) if ($i == "src") { print $(i + 1); exit } }'; }
+
+running() { [[ -f $state/keda/pids ]] && while read -r _ pid; do kill -0 "$pid" 2>/dev/null || return 1; done <"$state/keda/pids"; }
+
+certificates() {
+	local dir=$state/keda/certs ip=$1
+	[[ -f $dir/tls.crt ]] && return
+	mkdir -p "$dir"
+	openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/O=KEDAORG/CN=KEDA" \
+		-keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+	openssl req -newkey rsa:2048 -nodes -subj "/O=KEDAORG/CN=keda-operator" \
+		-keyout "$dir/tls.key" -out "$dir/tls.csr" 2>/dev/null
+	printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:keda-operator.%s.svc,DNS:keda-operator.%s.svc.cluster.local,DNS:keda-metrics-apiserver.%s.svc\nextendedKeyUsage=serverAuth,clientAuth\n' \
+		"$ip" "$namespace" "$namespace" "$namespace" >"$dir/ext.cnf"
+	openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 3650 \
+		-extfile "$dir/ext.cnf" -out "$dir/tls.crt" 2>/dev/null
+}
+
+launch() {
+	local name=$1
+	shift
+	setsid "$@" >"$state/keda/$name.log" 2>&1 </dev/null &
+	echo "$name $!" >>"$state/keda/pids"
+}
+
+wait_for() {
+	local what=$1 seconds=$2
+	shift 2
+	local deadline=$((SECONDS + seconds))
+	until "$@" >/dev/null 2>&1; do
+		if ((SECONDS >= deadline)); then
+			say "FAILED: no $what after ${seconds}s; last lines of the logs:"
+			tail -n 20 "$state"/keda/*.log >&2 || true
+			return 1
+		fi
+		sleep 0.5
+	done
+	say "$what"
+}
+
+up() {
+	[[ -f $state/kubeconfig ]] || { say "no cluster in $state (hack/cluster.sh up starts one)"; return 1; }
+	if running; then
+		say "KEDA already runs for $state"
+		return
+	fi
+	build
+	local dir ip
+	dir=$(module_dir)
+	ip=$(host_ip)
+	mkdir -p "$state/keda"
+	rm -f "$state/keda/pids"
+	kubectl apply --server-side --force-conflicts --field-manager=forkless-keda -f "$dir/config/crd/bases" >/dev/null
+	kubectl wait --for=condition=Established --timeout=60s crd/scaledobjects.keda.sh >/dev/null
+	kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+	certificates "$ip"
+	local env=(env KUBECONFIG="$state/kubeconfig" WATCH_NAMESPACE="" POD_NAMESPACE="$namespace"
+		KEDA_CLUSTER_OBJECT_NAMESPACE="$namespace" OPERATOR_NAME=keda-operator KEDA_HTTP_DEFAULT_TIMEOUT=3000)
+	launch keda-operator "${env[@]}" "$cache/keda-operator" --leader-elect=false --enable-cert-rotation=false \
+		--cert-dir="$state/keda/certs" --metrics-bind-address=127.0.0.1:18080 --health-probe-bind-address=127.0.0.1:18081 \
+		--metrics-service-bind-address=127.0.0.1:$operator_grpc_port --zap-log-level=info
+	wait_for "keda-operator healthy" 120 curl -sf http://127.0.0.1:18081/healthz
+	launch keda-adapter "${env[@]}" "$cache/keda-adapter" --secure-port=$adapter_port \
+		--tls-cert-file="$state/keda/certs/tls.crt" --tls-private-key-file="$state/keda/certs/tls.key" \
+		--cert-dir="$state/keda/certs" --kubeconfig="$state/kubeconfig" \
+		--authentication-kubeconfig="$state/kubeconfig" --authorization-kubeconfig="$state/kubeconfig" \
+		--metrics-service-address=127.0.0.1:$operator_grpc_port --metrics-service-grpc-authority=localhost \
+		--port=18082 --zap-log-level=info
+	wait_for "keda-adapter serving" 120 curl -skf "https://127.0.0.1:$adapter_port/readyz"
+	kubectl apply -f - >/dev/null <<-EOF
+		apiVersion: v1
+		kind: Service
+		metadata: {name: keda-metrics-apiserver, namespace: $namespace}
+		spec:
+		  ports: [{name: https, port: 443, targetPort: $adapter_port, protocol: TCP}]
+		---
+		apiVersion: v1
+		kind: Endpoints
+		metadata: {name: keda-metrics-apiserver, namespace: $namespace}
+		subsets:
+		  - addresses: [{ip: $ip}]
+		    ports: [{name: https, port: $adapter_port, protocol: TCP}]
+		---
+		apiVersion: apiregistration.k8s.io/v1
+		kind: APIService
+		metadata: {name: v1beta1.external.metrics.k8s.io}
+		spec:
+		  service: {name: keda-metrics-apiserver, namespace: $namespace, port: 443}
+		  group: external.metrics.k8s.io
+		  version: v1beta1
+		  insecureSkipTLSVerify: true
+		  groupPriorityMinimum: 100
+		  versionPriority: 100
+	EOF
+	wait_for "external.metrics.k8s.io available" 120 \
+		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.external.metrics.k8s.io
+	say "KEDA $keda_version runs for $state (logs in $state/keda/)"
+}
+
+down() {
+	if [[ -f $state/kubeconfig ]] && [[ -x $root/.tools/bin/kubectl ]]; then
+		kubectl delete apiservice v1beta1.external.metrics.k8s.io --ignore-not-found --wait=false >/dev/null 2>&1 || true
+	fi
+	[[ -f $state/keda/pids ]] || return 0
+	local name pid
+	while read -r name pid; do
+		kill "$pid" 2>/dev/null || true
+		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+		kill -9 "$pid" 2>/dev/null || true
+		say "stopped $name"
+	done <"$state/keda/pids"
+	rm -f "$state/keda/pids"
+}
+
+command=${1:-status}
+state=$(state_dir "${2:-}")
+case $command in
+build) build ;;
+up) up ;;
+down) down ;;
+status) if running; then echo "KEDA $keda_version runs for $state"; else echo "KEDA is not running for $state"; exit 1; fi ;;
+*)
+	sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+	exit 2
+	;;
+esac
