@@ -112,7 +112,7 @@ def test_the_server_refuses_os_system_as_a_handler_and_says_why(serve, tmp_path)
     code, log = serve_until_exit(serve, "--format", "python", "--handler", "os:system",
                                  "--model-uri", f"touch {marker}")
     assert code == 1 and not marker.exists()
-    assert "must name a class with a predict(inputs) method" in log
+    assert "handler 'os:system' must name a class" in log
 
 
 def test_the_onnx_loader_takes_no_pickle(serve, tmp_path):
