@@ -61,8 +61,8 @@ REASONS: dict[str, str] = {
     "containerConcurrency": "no hard concurrency limit: runtime.maxQueue bounds waiting requests (503 beyond)",
     "deploymentStrategy": "the rollout strategy is fixed (GPU: surge 0, unavailable 1; CPU: 25 %, 0)",
     "workerSpec": "multi-node tensor or pipeline parallelism is not served",
-    "scaleMetricType": "only CPU utilization is scaled on",
-    "autoScaling": "only CPU utilization is scaled on (spec.autoscaling.targetCPUUtilization)",
+    "scaleMetricType": "the metric type follows spec.autoscaling.metric (Utilization for cpu, AverageValue else)",
+    "autoScaling": "KServe's metric list is not read: spec.autoscaling scales on cpu, queueDepth or inFlight",
     "storageUris": "one model location only (spec.model.uri)",
     "storage": "the storage-config Secret is not read: give the model's URI and credentials as KServe's "
                "storageUri and service account do",
@@ -305,20 +305,28 @@ def _scheduling(predictor: dict[str, Any]) -> dict[str, Any]:
 
 
 def _replicas(predictor: dict[str, Any], annotations: dict[str, str], lost: list[str]) -> dict[str, Any]:
-    """replicas, or an HPA on CPU when KServe would have scaled (maxReplicas above minReplicas)."""
+    """replicas, or autoscaling where KServe would have scaled (maxReplicas above minReplicas): CPU under
+    an HPA; concurrency (requests in flight per pod, as Knative counts it) through KEDA; an external
+    autoscaler left alone."""
     low, high = predictor.get("minReplicas"), predictor.get("maxReplicas")
     if low == 0:
         lost.append("spec.predictor.minReplicas: 0 (scale to zero) is not served: at least 1 replica")
     low = max(1, int(low if low is not None else 1))
     metric = predictor.get("scaleMetric", "cpu")
     autoscaler = annotations.get("serving.kserve.io/autoscalerClass", "hpa")
-    if high is None or int(high) <= low or autoscaler in ("none", "external"):
+    if autoscaler == "none" or high is None or int(high) <= low:
         return {"replicas": low}
+    bounds = {"minReplicas": low, "maxReplicas": int(high)}
+    if autoscaler == "external":
+        return {"autoscaling": {"class": "external", **bounds}}
+    if metric == "concurrency":
+        target = float(predictor.get("scaleTarget", 8))
+        return {"autoscaling": {"class": "keda", "metric": "inFlight", "target": target, **bounds}}
     if metric != "cpu":
-        lost.append(f"spec.predictor.scaleMetric: {metric} is not scaled on (CPU utilization only); "
+        lost.append(f"spec.predictor.scaleMetric: {metric} is not scaled on (cpu, or concurrency as inFlight); "
                     f"{low} to {high} replicas on CPU instead")
     target = int(predictor.get("scaleTarget", 80)) if metric == "cpu" else 80
-    return {"autoscaling": {"minReplicas": low, "maxReplicas": int(high), "targetCPUUtilization": target}}
+    return {"autoscaling": {**bounds, "targetCPUUtilization": target}}
 
 
 def _annotations(annotations: dict[str, str], lost: list[str]) -> dict[str, str]:
@@ -329,9 +337,9 @@ def _annotations(annotations: dict[str, str], lost: list[str]) -> dict[str, str]
                 lost.append(f"metadata.annotations.{key}: {value}: no Knative; forkless renders a Deployment and a "
                             "Service, as KServe's Standard mode does")
         elif key == "serving.kserve.io/autoscalerClass":
-            if value not in ("hpa", "none", "external"):
-                lost.append(f"metadata.annotations.{key}: {value}: forkless renders an HPA on CPU; with "
-                            "KEDA, scale the InferenceService through its /scale subresource")
+            if value not in ("hpa", "none", "external", "keda"):
+                lost.append(f"metadata.annotations.{key}: {value}: not an autoscaler class forkless knows "
+                            "(hpa, keda, external)")
         elif key in KSERVE_ANNOTATIONS:
             lost.append(f"metadata.annotations.{key}: {KSERVE_ANNOTATIONS[key]}")
         elif key == "kubectl.kubernetes.io/last-applied-configuration":

@@ -146,13 +146,13 @@ def test_fields_forkless_cannot_carry_are_each_named() -> None:
     body = yaml.safe_load(FULL)
     body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "Serverless"
     predictor = body["spec"]["predictor"]
-    predictor.update(minReplicas=0, scaleMetric="concurrency", logger={"mode": "all"})
+    predictor.update(minReplicas=0, scaleMetric="rps", logger={"mode": "all"})
     predictor["model"].update(ports=[{"containerPort": 9000}], stdin=True)
     predictor["model"]["env"].append({"name": "FORKLESS_MAX_QUEUE", "value": "1"})
     body["spec"]["transformer"] = {"containers": []}
     lost = "\n".join(convert(body).lost)
     for expected in ("deploymentMode: Serverless: no Knative", "minReplicas: 0 (scale to zero)",
-                     "scaleMetric: concurrency is not scaled on", "spec.predictor.logger: no payload logger",
+                     "scaleMetric: rps is not scaled on", "spec.predictor.logger: no payload logger",
                      "spec.predictor.model.ports: ports are the operator's", "spec.predictor.model.stdin: not carried",
                      "FORKLESS_MAX_QUEUE: FORKLESS_* names are the runtime's",
                      "spec.transformer: forkless serves the predictor only"):
@@ -174,3 +174,16 @@ def test_the_command_reads_files_and_stdin_and_says_by_its_exit_code_whether_all
     assert "torchserve: spec.predictor.model.modelFormat: pytorch" in every.stderr
     broken = subprocess.run([*CLI, "-f", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert broken.returncode == 2 and "missing.yaml" in broken.stderr
+
+
+def test_kserves_concurrency_scaling_becomes_in_flight_requests_through_keda() -> None:
+    body = yaml.safe_load(FULL)
+    body["spec"]["predictor"].update(scaleMetric="concurrency", scaleTarget=2)
+    result = convert(body)
+    assert result.complete, result.lost
+    assert result.manifest is not None
+    assert result.manifest["spec"]["autoscaling"] == {"class": "keda", "metric": "inFlight", "target": 2.0,
+                                                      "minReplicas": 2, "maxReplicas": 6}
+    body["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] = "external"
+    assert convert(body).manifest["spec"]["autoscaling"] == {"class": "external", "minReplicas": 2,
+                                                             "maxReplicas": 6}
