@@ -403,6 +403,8 @@ up() {
 }
 
 down_quietly() {
+	# KEDA (hack/keda.sh), when it runs beside this cluster, goes first: it talks to the API server.
+	[[ -f $state/keda/pids ]] && "$root/hack/keda.sh" down "$state" || true
 	stop_all
 	if [[ -d $state ]]; then
 		[[ -f $state/$marker ]] || {

@@ -121,15 +121,15 @@ up() {
 	launch keda-operator "${env[@]}" "$cache/keda-operator" --leader-elect=false --enable-cert-rotation=false \
 		--cert-dir="$state/keda/certs" --metrics-bind-address=127.0.0.1:18080 --health-probe-bind-address=127.0.0.1:18081 \
 		--metrics-service-bind-address=127.0.0.1:$operator_grpc_port --zap-log-level=info
-	wait_for "keda-operator healthy" 120 curl -sf http://127.0.0.1:18081/healthz
+	wait_for "keda-operator healthy" 120 curl -sf http://127.0.0.1:18081/healthz || { down; return 1; }
 	launch keda-adapter "${env[@]}" "$cache/keda-adapter" --secure-port=$adapter_port \
 		--tls-cert-file="$state/keda/certs/tls.crt" --tls-private-key-file="$state/keda/certs/tls.key" \
-		--cert-dir="$state/keda/certs" --kubeconfig="$state/kubeconfig" \
+		--cert-dir="$state/keda/certs" --lister-kubeconfig="$state/kubeconfig" \
 		--authentication-kubeconfig="$state/kubeconfig" --authorization-kubeconfig="$state/kubeconfig" \
 		--metrics-service-address=127.0.0.1:$operator_grpc_port --metrics-service-grpc-authority=localhost \
 		--port=18082 --zap-log-level=info
-	wait_for "keda-adapter serving" 120 curl -skf "https://127.0.0.1:$adapter_port/readyz"
-	kubectl apply -f - >/dev/null <<-EOF
+	wait_for "keda-adapter serving" 120 curl -skf "https://127.0.0.1:$adapter_port/readyz" || { down; return 1; }
+	kubectl apply -f - >/dev/null 2>&1 <<-EOF
 		apiVersion: v1
 		kind: Service
 		metadata: {name: keda-metrics-apiserver, namespace: $namespace}
@@ -155,7 +155,7 @@ up() {
 		  versionPriority: 100
 	EOF
 	wait_for "external.metrics.k8s.io available" 120 \
-		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.external.metrics.k8s.io
+		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.external.metrics.k8s.io || { down; return 1; }
 	say "KEDA $keda_version runs for $state (logs in $state/keda/)"
 }
 

@@ -475,7 +475,9 @@ def test_without_keda_class_keda_says_so_and_with_it_every_autoscaler_is_accepte
     assert missing["status"] == "False" and "install KEDA" in missing["message"]
     # KEDA's own CRDs: the operator applies the ScaledObject at its next try (within a minute).
     kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests", "-f", str(keda_crds()))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{KEDA_CRD}")
+    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True"
+                         for c in kube.json("get", "crd", KEDA_CRD).get("status", {}).get("conditions") or []),
+             60, "KEDA's ScaledObject CRD established")
     scaled = wait_for(lambda: kube.json("get", KEDA_CRD, "-n", namespace, "-o", "json")["items"], 120,
                       "the ScaledObject applied once KEDA's CRDs exist")
     assert scaled[0]["spec"]["triggers"][0]["metadata"]["metric"] == "queueDepth"
@@ -483,7 +485,8 @@ def test_without_keda_class_keda_says_so_and_with_it_every_autoscaler_is_accepte
     # Every class and metric the renderer knows passes the API server's validation of its kind.
     for autoscaling in ({"maxReplicas": 3}, {"maxReplicas": 3, "metric": "inFlight", "target": 2.5},
                         {"class": "keda", "metric": "inFlight", "maxReplicas": 4, "scaleDownSeconds": 30}):
-        service = InferenceService.model_validate({**body, "metadata": {"name": "dry", "namespace": namespace},
+        service = InferenceService.model_validate({**body, "metadata": {"name": "dry", "namespace": namespace,
+                                                                        "uid": "00000000-0000-0000-0000-000000000001"},
                                                    "spec": {**body["spec"], "autoscaling": autoscaling}})
         for manifest in render_children(service).values():
             if manifest is not None:
