@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # KEDA on the local cluster: its operator and its metrics API server (the adapter), built from
-# the pinned Go module and run as processes beside the control plane, with its CRDs.
+# the pinned Go module and run as processes beside the control plane, with its CRDs; and
+# metrics-server (resource metrics, what a CPU HPA reads), so that both kinds of autoscaler work.
 #
-#   hack/keda.sh build          build keda-operator and keda-adapter into the tools cache (once)
+#   hack/keda.sh build          build keda-operator, keda-adapter and metrics-server (once)
 #   hack/keda.sh up [DIR]       CRDs, certificates, both processes, the APIService; DIR is the
 #                               cluster's state directory (default .cluster/, as hack/cluster.sh)
 #   hack/keda.sh down [DIR]     stop both, remove the APIService (the CRDs stay, like any CRD)
@@ -20,7 +21,11 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 keda_version=v2.21.0
 module=github.com/kedacore/keda/v2
-cache=${FORKLESS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/forkless/tools}/keda-$keda_version
+tools=${FORKLESS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/forkless/tools}
+cache=$tools/keda-$keda_version
+metrics_server_version=v0.8.0
+metrics_server=$tools/metrics-server-$metrics_server_version/metrics-server
+metrics_server_port=6444
 namespace=keda
 adapter_port=6443
 operator_grpc_port=9666
@@ -50,6 +55,15 @@ build() {
 		mv "$cache/keda-$component.partial" "$cache/keda-$component"
 		say "built keda-$component in $(fmt_duration $((SECONDS - started)))"
 	done
+	if [[ ! -x $metrics_server ]]; then
+		started=$SECONDS
+		say "building metrics-server $metrics_server_version ..."
+		mkdir -p "$(dirname "$metrics_server")"
+		dir=$(go mod download -json "sigs.k8s.io/metrics-server@$metrics_server_version" | jq -r .Dir)
+		(cd "$dir" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$metrics_server.partial" ./cmd/metrics-server)
+		mv "$metrics_server.partial" "$metrics_server"
+		say "built metrics-server in $(fmt_duration $((SECONDS - started)))"
+	fi
 }
 
 state_dir() {
@@ -156,12 +170,47 @@ up() {
 	EOF
 	wait_for "external.metrics.k8s.io available" 120 \
 		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.external.metrics.k8s.io || { down; return 1; }
-	say "KEDA $keda_version runs for $state (logs in $state/keda/)"
+	# metrics-server: the kubelet's resource metrics for CPU HPAs (TLS to the kubelet unchecked: its
+	# serving certificate is self-signed on the local cluster).
+	launch metrics-server "$metrics_server" --secure-port=$metrics_server_port --cert-dir="$state/keda/metrics-server" \
+		--kubeconfig="$state/kubeconfig" --authentication-kubeconfig="$state/kubeconfig" \
+		--authorization-kubeconfig="$state/kubeconfig" --kubelet-insecure-tls \
+		--kubelet-preferred-address-types=InternalIP --metric-resolution=15s
+	wait_for "metrics-server serving" 120 curl -skf "https://127.0.0.1:$metrics_server_port/livez" || { down; return 1; }
+	kubectl apply -f - >/dev/null 2>&1 <<-EOF
+		apiVersion: v1
+		kind: Service
+		metadata: {name: metrics-server, namespace: kube-system}
+		spec:
+		  ports: [{name: https, port: 443, targetPort: $metrics_server_port, protocol: TCP}]
+		---
+		apiVersion: v1
+		kind: Endpoints
+		metadata: {name: metrics-server, namespace: kube-system}
+		subsets:
+		  - addresses: [{ip: $ip}]
+		    ports: [{name: https, port: $metrics_server_port, protocol: TCP}]
+		---
+		apiVersion: apiregistration.k8s.io/v1
+		kind: APIService
+		metadata: {name: v1beta1.metrics.k8s.io}
+		spec:
+		  service: {name: metrics-server, namespace: kube-system, port: 443}
+		  group: metrics.k8s.io
+		  version: v1beta1
+		  insecureSkipTLSVerify: true
+		  groupPriorityMinimum: 100
+		  versionPriority: 100
+	EOF
+	wait_for "metrics.k8s.io available" 120 \
+		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.metrics.k8s.io || { down; return 1; }
+	say "KEDA $keda_version and metrics-server $metrics_server_version run for $state (logs in $state/keda/)"
 }
 
 down() {
 	if [[ -f $state/kubeconfig ]] && [[ -x $root/.tools/bin/kubectl ]]; then
-		kubectl delete apiservice v1beta1.external.metrics.k8s.io --ignore-not-found --wait=false >/dev/null 2>&1 || true
+		kubectl delete apiservice v1beta1.external.metrics.k8s.io v1beta1.metrics.k8s.io --ignore-not-found \
+			--wait=false >/dev/null 2>&1 || true
 	fi
 	[[ -f $state/keda/pids ]] || return 0
 	local name pid

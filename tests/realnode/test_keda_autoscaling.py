@@ -1,6 +1,8 @@
 """Scaling on load, end to end: KEDA (built from its Go module, hack/keda.sh) asks the operator's
 external scaler for an InferenceService's queue, read from its real pods on the real node, and
-the replicas follow a step of 64 clients up and come back down when it stops.
+the replicas follow a step of 64 clients up and come back down when it stops. Beside it, the same
+model under a CPU HPA (metrics-server, also built here) takes the same step: the server waits
+(as on a GPU) rather than computes, so its CPU stays low and the CPU HPA keeps one replica.
 
 The model is a Python handler that takes 0.1 s a request on one worker without batching (about
 10 requests/s a replica), so 64 clients keep every replica's queue full. What a user would see
@@ -28,6 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.slow, pytes
 
 ISVC = "inferenceservices.serving.forkless.dev"
 NAME = "queued"
+CPU_NAME = "cpu-scaled"
 HANDLERS = REPO / "tests" / "runtime"
 SCALER_IP = "10.96.0.91"  # the local cluster has no DNS: KEDA dials the operator's scaler here
 CLIENTS = 64
@@ -50,11 +53,32 @@ def keda(kube: Kube, real_node: RealNode) -> Iterator[None]:
 class Deployed:
     namespace: str
     url: str
+    cpu_url: str
 
 
-def replicas(kube: Kube, namespace: str) -> tuple[int, int]:
+def inference_service(name: str, autoscaling: dict[str, Any]) -> dict[str, Any]:
+    """The handler that takes 0.1 s a request, mounted from the test tree, under ``autoscaling``."""
+    return {
+        "apiVersion": "serving.forkless.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": name},
+        "spec": {
+            "model": {"name": NAME, "uri": "file:///opt/handlers", "format": "python", "handler": "handlers:Doubler"},
+            "runtime": {"workers": 1, "threadsPerWorker": 1, "maxQueue": 512,
+                        "env": [{"name": "TEST_HANDLER_DELAY_S", "value": "0.1"}]},
+            "resources": {"cpu": "100m", "memory": "1Gi"},
+            "scheduling": RealNode.scheduling(),
+            "autoscaling": autoscaling,
+            "podTemplate": {"spec": {
+                "volumes": [{"name": "handlers", "hostPath": {"path": str(HANDLERS), "type": "Directory"}}],
+                "containers": [{"name": "runtime", "env": [{"name": "PYTHONPATH", "value": "/opt/handlers"}],
+                                "volumeMounts": [{"name": "handlers", "mountPath": "/opt/handlers",
+                                                  "readOnly": True}]}]}},
+        },
+    }
+
+
+def replicas(kube: Kube, namespace: str, name: str = NAME) -> tuple[int, int]:
     """(the Deployment's desired replicas, how many are ready)."""
-    status = kube.json("get", "deployment", NAME, "-n", namespace)
+    status = kube.json("get", "deployment", name, "-n", namespace)
     return int(status["spec"].get("replicas", 0)), int(status.get("status", {}).get("readyReplicas", 0))
 
 
@@ -66,31 +90,18 @@ def deployed(kube: Kube, keda: None, helm: Helm) -> Iterator[Deployed]:
     try:
         install_operator(kube, helm, namespace, "forkless", "--set", f"scaler.clusterIP={SCALER_IP}",
                          "--set", f"scaler.address={SCALER_IP}:9091")
-        kube.apply({
-            "apiVersion": "serving.forkless.dev/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": NAME, "namespace": namespace},
-            "spec": {
-                "model": {"name": NAME, "uri": "file:///opt/handlers", "format": "python",
-                          "handler": "handlers:Doubler"},
-                "runtime": {"workers": 1, "threadsPerWorker": 1, "maxQueue": 512,
-                            "env": [{"name": "TEST_HANDLER_DELAY_S", "value": "0.1"}]},
-                "resources": {"cpu": "100m", "memory": "1Gi"},
-                "scheduling": RealNode.scheduling(),
-                "autoscaling": {"class": "keda", "metric": "queueDepth", "target": 4, "minReplicas": 1,
-                                "maxReplicas": 4, "scaleUpSeconds": 0, "scaleDownSeconds": 15},
-                "podTemplate": {"spec": {
-                    "volumes": [{"name": "handlers", "hostPath": {"path": str(HANDLERS), "type": "Directory"}}],
-                    "containers": [{"name": "runtime",
-                                    "env": [{"name": "PYTHONPATH", "value": "/opt/handlers"}],
-                                    "volumeMounts": [{"name": "handlers", "mountPath": "/opt/handlers",
-                                                      "readOnly": True}]}]}},
-            },
-        })
-        wait_for(lambda: replicas(kube, namespace) == (1, 1), 300, "one ready replica")
-        wait_for(lambda: kube.json("get", "hpa", "-n", namespace)["items"], 120, "KEDA's HPA for the ScaledObject")
-        yield Deployed(namespace, service_url(kube, namespace, NAME))
+        kube.apply(inference_service(NAME, {"class": "keda", "metric": "queueDepth", "target": 4, "minReplicas": 1,
+                                            "maxReplicas": 4, "scaleUpSeconds": 0, "scaleDownSeconds": 15}),
+                   inference_service(CPU_NAME, {"class": "hpa", "metric": "cpu", "target": 50, "minReplicas": 1,
+                                                "maxReplicas": 4, "scaleUpSeconds": 0, "scaleDownSeconds": 15}),
+                   namespace=namespace)
+        wait_for(lambda: replicas(kube, namespace) == (1, 1) and replicas(kube, namespace, CPU_NAME) == (1, 1),
+                 300, "one ready replica of each")
+        wait_for(lambda: len(kube.json("get", "hpa", "-n", namespace)["items"]) == 2, 120,
+                 "KEDA's HPA for the ScaledObject, and the CPU HPA")
+        yield Deployed(namespace, service_url(kube, namespace, NAME), service_url(kube, namespace, CPU_NAME))
     finally:
-        kube.kubectl("delete", ISVC, NAME, "-n", namespace, "--wait=true", "--timeout=90s", check=False)
+        kube.kubectl("delete", ISVC, NAME, CPU_NAME, "-n", namespace, "--wait=true", "--timeout=90s", check=False)
         helm("uninstall", "forkless", "--namespace", namespace, "--wait", kubeconfig=kube.kubeconfig, check=False)
         kube.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
 
@@ -123,40 +134,58 @@ class Load:
 
 def test_a_step_to_64_clients_scales_out_on_queue_depth_and_back_when_it_stops(kube: Kube,
                                                                               deployed: Deployed) -> None:
-    timeline: list[tuple[float, int, int]] = []
-    load = Load(deployed.url)
-    threads = [threading.Thread(target=load.client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    timeline: list[tuple[float, int, int, int, str]] = []
+    loads = [Load(deployed.url), Load(deployed.cpu_url)]
+    threads = [threading.Thread(target=load.client, args=(i,), daemon=True) for load in loads for i in range(CLIENTS)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
     reached: float | None = None
     try:
-        while time.monotonic() - started < SCALE_UP_WITHIN_S + 30:
+        while time.monotonic() - started < SCALE_UP_WITHIN_S:  # the whole minute: the CPU HPA reads slowly
             desired, ready = replicas(kube, deployed.namespace)
-            timeline.append((round(time.monotonic() - started, 1), desired, ready))
+            cpu_desired, _ = replicas(kube, deployed.namespace, CPU_NAME)
+            timeline.append((round(time.monotonic() - started, 1), desired, ready, cpu_desired,
+                             cpu_utilization(kube, deployed.namespace)))
             if desired >= 3 and reached is None:
                 reached = time.monotonic() - started
-            if reached is not None and ready >= 3:
-                break
-            time.sleep(1)
+            time.sleep(2)
     finally:
-        load.stop.set()
+        for load in loads:
+            load.stop.set()
         for thread in threads:
             thread.join(timeout=70)
     stopped = time.monotonic()
     down: float | None = None
     while time.monotonic() - stopped < 240:
         desired, ready = replicas(kube, deployed.namespace)
-        timeline.append((round(time.monotonic() - started, 1), desired, ready))
+        timeline.append((round(time.monotonic() - started, 1), desired, ready,
+                         replicas(kube, deployed.namespace, CPU_NAME)[0], cpu_utilization(kube, deployed.namespace)))
         if desired == 1:
             down = time.monotonic() - stopped
             break
         time.sleep(2)
-    print(f"\ntimeline (s since the step, desired, ready): {timeline}")
-    print(f"replicas >= 3 after {reached}s; back to 1 {down}s after the load stopped; {load.answered} answered")
+    print("\ntimeline (s since the step, queue-scaled desired, ready, CPU-scaled desired, CPU utilization):")
+    print(timeline)
+    print(f"queue depth: replicas >= 3 after {reached}s, back to 1 {down}s after the load stopped; "
+          f"{loads[0].answered} answered; CPU HPA: at most {max(t[3] for t in timeline)} replica(s), "
+          f"{loads[1].answered} answered")
     assert reached is not None and reached <= SCALE_UP_WITHIN_S, timeline
-    assert load.answered > 0 and len(load.wrong) <= load.answered // 100, load.wrong[:5]
+    for load in loads:
+        assert load.answered > 0 and len(load.wrong) <= load.answered // 100, load.wrong[:5]
     assert down is not None, timeline
+    # The CPU HPA really measured (metrics-server answered), and saw a server that waits, not computes.
+    assert any(t[4] not in ("", "<unknown>") for t in timeline), timeline
+
+
+def cpu_utilization(kube: Kube, namespace: str) -> str:
+    """The CPU HPA's current utilization, as it reports it ("" before its first reading)."""
+    hpa = kube.json("get", "hpa", CPU_NAME, "-n", namespace)
+    for metric in hpa.get("status", {}).get("currentMetrics") or []:
+        current = metric.get("resource", {}).get("current", {})
+        if "averageUtilization" in current:
+            return f"{current['averageUtilization']}%"
+    return ""
 
 
 def test_the_scaler_reports_the_load_keda_asks_for(kube: Kube, deployed: Deployed) -> None:
