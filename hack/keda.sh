@@ -114,6 +114,37 @@ wait_for() {
 	say "$what"
 }
 
+# aggregate NAME NAMESPACE PORT GROUP IP: serve GROUP/v1beta1 from a process on this host (IP:PORT)
+# through the API server's aggregator: a Service without selector, its Endpoints, the APIService.
+aggregate() {
+	local name=$1 ns=$2 port=$3 group=$4 ip=$5
+	kubectl apply -f - >/dev/null 2>&1 <<-EOF
+		apiVersion: v1
+		kind: Service
+		metadata: {name: $name, namespace: $ns}
+		spec:
+		  ports: [{name: https, port: 443, targetPort: $port, protocol: TCP}]
+		---
+		apiVersion: v1
+		kind: Endpoints
+		metadata: {name: $name, namespace: $ns}
+		subsets:
+		  - addresses: [{ip: $ip}]
+		    ports: [{name: https, port: $port, protocol: TCP}]
+		---
+		apiVersion: apiregistration.k8s.io/v1
+		kind: APIService
+		metadata: {name: v1beta1.$group}
+		spec:
+		  service: {name: $name, namespace: $ns, port: 443}
+		  group: $group
+		  version: v1beta1
+		  insecureSkipTLSVerify: true
+		  groupPriorityMinimum: 100
+		  versionPriority: 100
+	EOF
+}
+
 up() {
 	[[ -f $state/kubeconfig ]] || { say "no cluster in $state (hack/cluster.sh up starts one)"; return 1; }
 	if running; then
@@ -143,31 +174,7 @@ up() {
 		--metrics-service-address=127.0.0.1:$operator_grpc_port --metrics-service-grpc-authority=localhost \
 		--port=18082 --zap-log-level=info
 	wait_for "keda-adapter serving" 120 curl -skf "https://127.0.0.1:$adapter_port/readyz" || { down; return 1; }
-	kubectl apply -f - >/dev/null 2>&1 <<-EOF
-		apiVersion: v1
-		kind: Service
-		metadata: {name: keda-metrics-apiserver, namespace: $namespace}
-		spec:
-		  ports: [{name: https, port: 443, targetPort: $adapter_port, protocol: TCP}]
-		---
-		apiVersion: v1
-		kind: Endpoints
-		metadata: {name: keda-metrics-apiserver, namespace: $namespace}
-		subsets:
-		  - addresses: [{ip: $ip}]
-		    ports: [{name: https, port: $adapter_port, protocol: TCP}]
-		---
-		apiVersion: apiregistration.k8s.io/v1
-		kind: APIService
-		metadata: {name: v1beta1.external.metrics.k8s.io}
-		spec:
-		  service: {name: keda-metrics-apiserver, namespace: $namespace, port: 443}
-		  group: external.metrics.k8s.io
-		  version: v1beta1
-		  insecureSkipTLSVerify: true
-		  groupPriorityMinimum: 100
-		  versionPriority: 100
-	EOF
+	aggregate keda-metrics-apiserver "$namespace" $adapter_port external.metrics.k8s.io "$ip"
 	wait_for "external.metrics.k8s.io available" 120 \
 		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.external.metrics.k8s.io || { down; return 1; }
 	# metrics-server: the kubelet's resource metrics for CPU HPAs (TLS to the kubelet unchecked: its
@@ -177,31 +184,7 @@ up() {
 		--authorization-kubeconfig="$state/kubeconfig" --kubelet-insecure-tls \
 		--kubelet-preferred-address-types=InternalIP --metric-resolution=15s
 	wait_for "metrics-server serving" 120 curl -skf "https://127.0.0.1:$metrics_server_port/livez" || { down; return 1; }
-	kubectl apply -f - >/dev/null 2>&1 <<-EOF
-		apiVersion: v1
-		kind: Service
-		metadata: {name: metrics-server, namespace: kube-system}
-		spec:
-		  ports: [{name: https, port: 443, targetPort: $metrics_server_port, protocol: TCP}]
-		---
-		apiVersion: v1
-		kind: Endpoints
-		metadata: {name: metrics-server, namespace: kube-system}
-		subsets:
-		  - addresses: [{ip: $ip}]
-		    ports: [{name: https, port: $metrics_server_port, protocol: TCP}]
-		---
-		apiVersion: apiregistration.k8s.io/v1
-		kind: APIService
-		metadata: {name: v1beta1.metrics.k8s.io}
-		spec:
-		  service: {name: metrics-server, namespace: kube-system, port: 443}
-		  group: metrics.k8s.io
-		  version: v1beta1
-		  insecureSkipTLSVerify: true
-		  groupPriorityMinimum: 100
-		  versionPriority: 100
-	EOF
+	aggregate metrics-server kube-system $metrics_server_port metrics.k8s.io "$ip"
 	wait_for "metrics.k8s.io available" 120 \
 		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.metrics.k8s.io || { down; return 1; }
 	say "KEDA $keda_version and metrics-server $metrics_server_version run for $state (logs in $state/keda/)"
