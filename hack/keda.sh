@@ -158,7 +158,8 @@ up() {
 	mkdir -p "$state/keda"
 	rm -f "$state/keda/pids"
 	kubectl apply --server-side --force-conflicts --field-manager=forkless-keda -f "$dir/config/crd/bases" >/dev/null
-	kubectl wait --for=condition=Established --timeout=60s crd/scaledobjects.keda.sh >/dev/null
+	# `wait` fails at once while the new CRD has no status yet: retried until it has one.
+	wait_for "KEDA's CRDs established" 60 kubectl wait --for=condition=Established --timeout=2s crd/scaledobjects.keda.sh
 	kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 	certificates "$ip"
 	local env=(env KUBECONFIG="$state/kubeconfig" WATCH_NAMESPACE="" POD_NAMESPACE="$namespace"

@@ -153,9 +153,9 @@ def test_a_step_to_64_clients_scales_out_on_queue_depth_and_back_when_it_stops(k
     finally:
         for load in loads:
             load.stop.set()
+        stopped = time.monotonic()  # clients finish the request they hold (up to a queue's wait) and leave
         for thread in threads:
             thread.join(timeout=70)
-    stopped = time.monotonic()
     down: float | None = None
     while time.monotonic() - stopped < 240:
         desired, ready = replicas(kube, deployed.namespace)
