@@ -2,14 +2,15 @@
 # Install, when missing, the Debian packages the real node and the image builds need:
 # containerd and runc (the container runtime; crun does not work on this kernel's hybrid
 # cgroups), the CNI plugins, buildah and mmdebstrap (images without Docker), iptables,
-# nftables and conntrack (kube-proxy), and gcc + libc6-dev (the static pause binary).
+# nftables and conntrack (kube-proxy), gcc + libc6-dev (the static pause binary), and openssl
+# and curl (hack/keda.sh: KEDA's certificates and its health checks).
 # Versions are Debian bookworm's (containerd 1.6, runc 1.1), which kubelet 1.36 supports.
 #
 # Usage: hack/host-packages.sh [--check]   (--check: list what is missing, install nothing)
 set -euo pipefail
 
 packages=(containerd runc buildah mmdebstrap containernetworking-plugins iptables nftables conntrack
-	jq gcc libc6-dev)
+	jq gcc libc6-dev openssl curl)
 
 say() { printf '[packages %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
