@@ -208,3 +208,15 @@ def test_a_trigger_with_a_metric_the_scaler_cannot_read_is_refused() -> None:
             await scaler.stop()
 
     assert asyncio.run(ask()) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_committed_scaler_messages_are_generated_from_the_proto(tmp_path: Path) -> None:
+    """One source: proto/externalscaler.proto; `make proto` regenerates what the operator imports."""
+    import subprocess
+    import sys
+
+    package = Path(__file__).resolve().parents[2] / "operator" / "forkless_operator"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{package / 'proto'}", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", "externalscaler.proto"], check=True)
+    for name in ("externalscaler_pb2.py", "externalscaler_pb2.pyi"):
+        assert (tmp_path / name).read_bytes() == (package / name).read_bytes(), f"{name} is stale: run make proto"
