@@ -40,9 +40,9 @@ from forkless_operator.reconcile import (
     validation_message,
 )
 from forkless_operator.scaler import ScalerServer
-from forkless_operator.settings import get_settings
-from forkless_operator.spec import API_VERSION, GROUP, InferenceServiceStatus
-from forkless_operator.status import APPLIED, compute_status, invalid_spec_status, new_problem
+from forkless_operator.settings import Settings, get_settings
+from forkless_operator.spec import API_VERSION, GROUP, InferenceService, InferenceServiceStatus
+from forkless_operator.status import APPLIED, Observation, compute_status, invalid_spec_status, new_problem
 from forkless_operator.status_cache import StatusCache
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -211,32 +211,14 @@ def reconcile(
         applied = apply_children(kube, isvc, APPLIED_CHILDREN, settings, prune=reason != kopf.Reason.CREATE,
                                  credentials=credentials)
         problem = credentials_problem or model_claim_problem(kube, isvc)
-        STATUS.problems[key] = problem
-        with STATUS.lock(key):
-            previous = STATUS.previous(key, body.get("status"))
-            status = compute_status(
-                isvc,
-                freshest_deployment(applied.get("Deployment"), _first(deployment_index, key)),
-                pod_index.get(key, []),
-                generation,
-                reconciled=APPLIED,
-                problem=problem,
-                previous=previous,
-                settings=settings,
-            )
-            STATUS.write(kube.apply_status, key, status, body.get("status"))
-        warn_on_transition(body, previous, status)
+        _write_status(kube, body, key, isvc, generation, settings, APPLIED, problem,
+                      freshest_deployment(applied.get("Deployment"), _first(deployment_index, key)),
+                      pod_index.get(key, []))
         if credentials_problem is not None:
             raise kopf.TemporaryError(credentials_problem.message, delay=CREDENTIALS_RETRY_DELAY_S)
     except KindNotServed as missing:  # e.g. KEDA not installed: said in Ready, rechecked every minute
-        STATUS.problems[key] = missing.observation
-        with STATUS.lock(key):
-            previous = STATUS.previous(key, body.get("status"))
-            status = compute_status(isvc, _first(deployment_index, key), pod_index.get(key, []), generation,
-                                    reconciled=missing.observation, problem=missing.observation,
-                                    previous=previous, settings=settings)
-            STATUS.write(kube.apply_status, key, status, body.get("status"))
-        warn_on_transition(body, previous, status)
+        _write_status(kube, body, key, isvc, generation, settings, missing.observation, missing.observation,
+                      _first(deployment_index, key), pod_index.get(key, []))
         raise kopf.TemporaryError(missing.observation.message, delay=NOT_SERVED_RETRY_DELAY_S) from missing
     except ApiException as error:
         metrics.REGISTRY.error(f"Api{error.status}")
@@ -249,6 +231,20 @@ def reconcile(
     finally:
         metrics.REGISTRY.reconciled("done", time.monotonic() - started)
     logger.info("reconciled generation %s", generation)
+
+
+def _write_status(kube: Any, body: Mapping[str, Any], key: Key, isvc: InferenceService, generation: int,
+                  settings: Settings, reconciled: Observation, problem: Observation | None,
+                  deployment: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> None:
+    """The status after a reconcile (applied, or stopped by a problem), written once, and one Warning
+    event when Ready turns False for a new reason."""
+    STATUS.problems[key] = problem
+    with STATUS.lock(key):
+        previous = STATUS.previous(key, body.get("status"))
+        status = compute_status(isvc, deployment, pods, generation, reconciled=reconciled, problem=problem,
+                                previous=previous, settings=settings)
+        STATUS.write(kube.apply_status, key, status, body.get("status"))
+    warn_on_transition(body, previous, status)
 
 
 # --- children: drift repair and status ----------------------------------------------------------
