@@ -403,8 +403,10 @@ up() {
 }
 
 down_quietly() {
-	# KEDA (hack/keda.sh), when it runs beside this cluster, goes first: it talks to the API server.
+	# KEDA (hack/keda.sh) and KubeRay (hack/kuberay.sh), when they run beside this cluster, go
+	# first: they talk to the API server.
 	[[ -f $state/keda/pids ]] && "$root/hack/keda.sh" down "$state" || true
+	[[ -f $state/kuberay/pids ]] && "$root/hack/kuberay.sh" down "$state" || true
 	stop_all
 	if [[ -d $state ]]; then
 		[[ -f $state/$marker ]] || {

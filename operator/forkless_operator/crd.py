@@ -21,11 +21,13 @@ from forkless_operator.spec import (
     GROUP,
     KIND,
     PLURAL,
+    ROOT_RULES,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
     InferenceServiceSpec,
     InferenceServiceStatus,
+    validations,
 )
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -130,6 +132,7 @@ def openapi_schema() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
+        **validations(*ROOT_RULES),
     }
 
 

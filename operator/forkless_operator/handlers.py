@@ -70,6 +70,16 @@ PROGRESS = MemoryProgressStorage()
 DIFFBASE = MemoryDiffBaseStorage()
 # The download credentials each InferenceService was last rendered with, for drift repair.
 CREDENTIALS: dict[Key, StorageCredentials] = {}
+# The RayService of each engine ray InferenceService as its last event showed it (what the Deployment
+# index is for engine deployment; a plain map because KubeRay may not be installed at all).
+RAY_SERVICES: dict[Key, dict[str, Any]] = {}
+
+
+def _workload(key: Key, isvc_body: Mapping[str, Any], deployment_index: Index) -> dict[str, Any] | None:
+    """What readiness is judged by: the RayService for engine ray, else the Deployment."""
+    if (isvc_body.get("spec") or {}).get("engine") == "ray":
+        return RAY_SERVICES.get(key)
+    return _first(deployment_index, key)
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -212,13 +222,14 @@ def reconcile(
                                  credentials=credentials)
         problem = credentials_problem or model_claim_problem(kube, isvc)
         _write_status(kube, body, key, isvc, generation, settings, APPLIED, problem,
-                      freshest_deployment(applied.get("Deployment"), _first(deployment_index, key)),
+                      freshest_deployment(applied.get("Deployment") or applied.get("RayService"),
+                                          _workload(key, body, deployment_index)),
                       pod_index.get(key, []))
         if credentials_problem is not None:
             raise kopf.TemporaryError(credentials_problem.message, delay=CREDENTIALS_RETRY_DELAY_S)
     except KindNotServed as missing:  # e.g. KEDA not installed: said in Ready, rechecked every minute
         _write_status(kube, body, key, isvc, generation, settings, missing.observation, missing.observation,
-                      _first(deployment_index, key), pod_index.get(key, []))
+                      _workload(key, body, deployment_index), pod_index.get(key, []))
         raise kopf.TemporaryError(missing.observation.message, delay=NOT_SERVED_RETRY_DELAY_S) from missing
     except ApiException as error:
         metrics.REGISTRY.error(f"Api{error.status}")
@@ -319,6 +330,13 @@ def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespac
         if kind == kinds.DEPLOYMENT.kind:
             deployment = None if event_type == "DELETED" else _first(deployment_index, key)
             refresh_status(key, isvc_body, deployment, pod_index.get(key, []))
+        elif kind == kinds.RAY_SERVICE.kind:
+            if event_type == "DELETED":
+                RAY_SERVICES.pop(key, None)
+            else:
+                RAY_SERVICES[key] = {"metadata": {"generation": body.metadata.get("generation")},
+                                     "status": dict(body.status)}
+            refresh_status(key, isvc_body, RAY_SERVICES.get(key), pod_index.get(key, []))
     except (ApiException, HTTPError, ValidationError) as error:
         metrics.REGISTRY.error("ChildEvent")
         logger.warning("cannot handle the %s event of %s/%s: %s", kind, *key, error)
@@ -348,7 +366,7 @@ def pod_event(namespace: str | None, labels: Mapping[str, str], logger: Logger, 
     if isvc_body is None:
         return
     try:
-        refresh_status(key, isvc_body, _first(deployment_index, key), pod_index.get(key, []))
+        refresh_status(key, isvc_body, _workload(key, isvc_body, deployment_index), pod_index.get(key, []))
     except (ApiException, HTTPError) as error:
         metrics.REGISTRY.error("PodEvent")
         logger.warning("cannot update the status of %s/%s: %s", *key, error)
@@ -366,5 +384,6 @@ async def forget_deleted(type: str | None, namespace: str | None, name: str, bod
         STATUS.forget(key)
         APPLIED_CHILDREN.forget(key)
         CREDENTIALS.pop(key, None)
+        RAY_SERVICES.pop(key, None)
         PROGRESS.forget(str(body.metadata.get("uid", "")))
         DIFFBASE.forget(str(body.metadata.get("uid", "")))

@@ -43,6 +43,8 @@ HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscaler
 PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 # KEDA's; rendered for autoscaling.class keda only, where KEDA is installed.
 SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
+# KubeRay's; the one child of an engine ray InferenceService (KubeRay makes the cluster and Services).
+RAY_SERVICE = Kind("ray.io/v1", "RayService", "rayservices")
 # The children, in apply order; optional ones (HPA, PDB) are deleted when no longer rendered. The
 # `-predictor` Service is KServe's name for the same pods: KServe clients keep their URL.
 CHILDREN = (
@@ -52,8 +54,9 @@ CHILDREN = (
     Child("HorizontalPodAutoscaler", HPA),
     Child("ScaledObject", SCALED_OBJECT),
     Child("PodDisruptionBudget", PDB),
+    Child("RayService", RAY_SERVICE),
 )
-CHILD_KINDS = (DEPLOYMENT, SERVICE, HPA, SCALED_OBJECT, PDB)  # each watched once
+CHILD_KINDS = (DEPLOYMENT, SERVICE, HPA, SCALED_OBJECT, PDB, RAY_SERVICE)  # each watched once
 
 
 def child_of(kind: str, name: str, owner: str) -> Child | None:

@@ -52,6 +52,9 @@ NOT_SERVED = {
     "ScaledObject": Observation(False, "KEDANotInstalled",
                                 "autoscaling.class keda needs KEDA (scaledobjects.keda.sh is not served by this "
                                 "cluster): install KEDA, or use class hpa or external"),
+    "RayService": Observation(False, "KubeRayNotInstalled",
+                              "engine ray needs the KubeRay operator (rayservices.ray.io is not served by this "
+                              "cluster): install KubeRay v1.5 or later, or use engine deployment"),
 }
 
 

@@ -26,6 +26,7 @@ from forkless_runtime.settings import (
 from forkless_runtime.storage.uris import parse_model_uri
 from kubernetes.utils import parse_quantity
 
+from forkless_operator import kinds
 from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
 from forkless_operator.pod_template import apply_pod_template
 from forkless_operator.settings import Settings, get_settings
@@ -599,6 +600,11 @@ def render_children(isvc: InferenceService, settings: Settings | None = None,
                     credentials: StorageCredentials = NO_CREDENTIALS) -> dict[str, dict[str, Any] | None]:
     """Every child by role (forkless_operator.kinds.CHILDREN); None marks a child this InferenceService must not have."""
     settings = settings or get_settings()
+    if isvc.spec.engine == "ray":  # KubeRay renders the pods and Services from the RayService
+        from forkless_operator.render_ray import render_ray_service
+
+        return {child.role: None for child in kinds.CHILDREN} | {
+            "RayService": render_ray_service(isvc, settings, credentials)}
     return {
         "Deployment": render_deployment(isvc, settings, credentials),
         "Service": render_service(isvc, settings),
@@ -606,4 +612,5 @@ def render_children(isvc: InferenceService, settings: Settings | None = None,
         "HorizontalPodAutoscaler": render_hpa(isvc, settings),
         "ScaledObject": render_scaled_object(isvc, settings),
         "PodDisruptionBudget": render_pdb(isvc, settings),
+        "RayService": None,
     }

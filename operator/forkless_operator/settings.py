@@ -22,6 +22,8 @@ ENV_PREFIX = "FORKLESS_OPERATOR_"
 class Settings:
     runtime_image: str = "ghcr.io/forkless/forkless-runtime:0.1.0"
     """Image of the runtime container when spec.runtime.image is omitted."""
+    ray_image: str = "ghcr.io/forkless/forkless-ray:0.1.0"
+    """Image of the Ray pods (engine ray) when spec.runtime.image is omitted: the runtime's plus ray[serve]."""
     image_pull_policy: str = "IfNotPresent"
     gpu_resource_name: str = "nvidia.com/gpu"
     """Extended resource that counts GPUs when spec.resources.gpuResourceName is omitted."""

@@ -20,6 +20,7 @@ from forkless_runtime.termination import MODEL_DOWNLOAD_FAILED, MODEL_OUT_OF_MEM
 from forkless_runtime.termination import REASONS as MODEL_REASONS
 
 from forkless_operator.render import DOWNLOAD_CONTAINER, desired_replicas, selector_string, service_url
+from forkless_operator.render_ray import serve_url
 from forkless_operator.settings import Settings
 from forkless_operator.spec import (
     Addressable,
@@ -32,11 +33,14 @@ from forkless_operator.spec import (
     ModelStates,
     ModelStatus,
 )
+from forkless_operator.status_ray import ray_view
 
 READY = "Ready"
 RECONCILED = "Reconciled"
 # Ready=False reasons on the ordinary way to Ready: not problems, no Warning event.
-ON_THE_WAY_REASONS = ("Pending", "DeploymentMissing", "Progressing")
+ON_THE_WAY_REASONS = ("Pending", "DeploymentMissing", "Progressing", "RayInitializing", "ServeDeploying")
+DEGRADED = "Degraded"  # engine ray: a Serve deployment is UNHEALTHY
+UPGRADING = "Upgrading"  # engine ray: KubeRay is switching to a new RayCluster
 
 # Container waiting reasons worth surfacing, in the order we report them.
 _WAITING_REASONS = (
@@ -284,6 +288,9 @@ def compute_status(
         )
 
     pod_list = list(pods)
+    if isvc.spec.engine == "ray":
+        return _ray_status(isvc, deployment, pod_list, observed, reconciled_condition, problem, previous, before,
+                           settings, now)
     if reconciled_condition.status != "True":
         readiness = Observation(False, reconciled_condition.reason, reconciled_condition.message)
     elif problem is not None:
@@ -310,6 +317,39 @@ def compute_status(
         workers=isvc.spec.workers if isinstance(isvc.spec.workers, int) else None,
         model_status=model_status(pod_list, readiness.ok, previous.model_status),
         conditions=[ready_condition, reconciled_condition],
+    )
+    return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def _ray_status(isvc: InferenceService, rayservice: Mapping[str, Any] | None, pods: list[Mapping[str, Any]],
+                observed: int | None, reconciled_condition: Condition, problem: Observation | None,
+                previous: InferenceServiceStatus, before: Mapping[str, Condition], settings: Settings | None,
+                now: str) -> dict[str, Any]:
+    """compute_status for engine ray: the RayService stands where the Deployment does (status_ray)."""
+    view = ray_view(isvc, rayservice)
+    if reconciled_condition.status != "True":
+        readiness = Observation(False, reconciled_condition.reason, reconciled_condition.message)
+    elif problem is not None:
+        readiness = problem
+    else:
+        # A pod that cannot pull its image or crashes says more than KubeRay's "initializing".
+        readiness = (None if view.ready[0] else pod_problem(pods)) or Observation(*view.ready)
+    url = serve_url(isvc, settings)
+    status = InferenceServiceStatus(
+        observed_generation=observed,
+        url=url,
+        address=Addressable(url=url),
+        replicas=view.replicas,
+        ready_replicas=view.ready_replicas,
+        replica_summary=f"{view.ready_replicas}/{view.desired_replicas}",
+        selector=selector_string(isvc),
+        gpus=view.gpus,
+        workers=isvc.spec.workers if isinstance(isvc.spec.workers, int) else None,
+        model_status=model_status(pods, readiness.ok, previous.model_status),
+        ray=view.ray,
+        conditions=[_condition(READY, readiness, observed, before, now), reconciled_condition,
+                    _condition(DEGRADED, Observation(*view.degraded), observed, before, now),
+                    _condition(UPGRADING, Observation(*view.upgrading), observed, before, now)],
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 

@@ -275,6 +275,11 @@ FLAGS: tuple[Flag, ...] = (
 
 
 FLAGS_BY_FIELD: dict[str, Flag] = {flag.field: flag for flag in FLAGS}
+# The settings a Ray Serve replica reads (engine ray: forkless_runtime.engines.ray); the front-end's own
+# (ports, queue, drain, workers) are Serve's business there. The operator renders exactly these.
+RAY_REPLICA_SETTINGS = ("model_name", "model_uri", "format", "handler", "signature", "device", "threads_per_worker",
+                        "gpu_memory_fraction", "precision", "input_shapes", "max_batch_size", "max_batch_delay_ms",
+                        "max_body_mb", "log_level")
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in FLAGS_BY_FIELD}
 
 

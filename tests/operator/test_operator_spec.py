@@ -40,6 +40,14 @@ INVALID_EXAMPLES = {
     "pod-template-shm.yaml": spec.SHM_MOUNT_RULE.message,
     "pod-template-volume.yaml": spec.VOLUME_NAME_RULE.message,
     "pod-template-selector-label.yaml": spec.SELECTOR_LABEL_RULE.message,
+    "ray-without-engine.yaml": spec.RAY_ONLY_WITH_RAY_ENGINE_RULE.message,
+    "ray-gpus-split.yaml": spec.RAY_GPUS_SPLIT_RULE.message,
+    "ray-ongoing-below-batch.yaml": spec.RAY_ONGOING_COVERS_BATCH_RULE.message,
+    "ray-autoscaling-cpu.yaml": spec.RAY_AUTOSCALING_RULE.message,
+    "ray-kserve-format.yaml": spec.RAY_MODEL_RULE.message,
+    "ray-workers-auto.yaml": spec.RAY_RUNTIME_RULE.message,
+    "ray-fraction-above-one.yaml": spec.WHOLE_ABOVE_ONE_RULE.message,
+    "ray-replica-bigger-than-pod.yaml": spec.REPLICA_FITS_POD_RULE.message,
 }
 
 

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# KubeRay on the local cluster: its operator, built from the pinned Go module and run as a process
+# beside the control plane, with its three CRDs (RayCluster, RayJob, RayService).
+#
+#   hack/kuberay.sh build          build kuberay-operator (once)
+#   hack/kuberay.sh up [DIR]       CRDs, then the operator; DIR is the cluster's state directory
+#                                  (default .cluster/, as hack/cluster.sh)
+#   hack/kuberay.sh down [DIR]     stop the operator (the CRDs stay, like any CRD)
+#   hack/kuberay.sh status [DIR]
+#
+# The module is github.com/ray-project/kuberay/ray-operator at $kuberay_version (facts and line
+# references: docs/notes-kuberay-facts.md). It is built in a writable copy: the module cache is
+# read-only, and `-mod=mod` may have to write go.sum.
+# The local cluster has no cluster DNS, which KubeRay assumes twice:
+# - the operator reaches a head's dashboard (:8265, the Serve REST API) at
+#   <cluster>-head-svc.<ns>.svc.cluster.local; with -use-kubernetes-proxy it goes through the API
+#   server's services/proxy instead (and pods/proxy for the Serve proxies' /-/healthz). The API
+#   server then dials the pod IP: the real node's pods answer, kwok's pods have no one behind theirs.
+# - every worker gets an init container that polls `ray health-check --address <that name>:6379`
+#   and never gives up; ENABLE_INIT_CONTAINER_INJECTION=false leaves it out, so that a worker
+#   whose rayStartParams.address names the head by IP can start.
+# The CRDs go in by server-side apply: each is over 256 KiB as JSON, more than the annotation that
+# client-side apply would write may hold.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+kuberay_version=v1.5.0
+module=github.com/ray-project/kuberay/ray-operator
+tools=${FORKLESS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/forkless/tools}
+cache=$tools/kuberay-$kuberay_version
+operator=$cache/kuberay-operator
+crds=(rayclusters rayjobs rayservices)
+
+say() { printf '[kuberay %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+module_dir() { go mod download -json "$module@$kuberay_version" | jq -r .Dir; }
+
+build() {
+	[[ -x $operator ]] && return
+	mkdir -p "$cache"
+	exec 9>"$cache/.lock"
+	flock 9
+	[[ -x $operator ]] && return # built by another run while this one waited for the lock
+	local dir src started=$SECONDS status=0
+	dir=$(module_dir)
+	src=$(mktemp -d "$cache/src.XXXXXX")
+	cp -r "$dir/." "$src"
+	chmod -R u+w "$src"
+	say "building kuberay-operator $kuberay_version (about a minute and a half on two cores) ..."
+	(exec 9>&-; while sleep 60; do say "  ... still building kuberay-operator ($(fmt_duration $((SECONDS - started))))"; done) &
+	local ticker=$!
+	(cd "$src" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$operator.partial" .) || status=$?
+	kill "$ticker" 2>/dev/null || true
+	wait "$ticker" 2>/dev/null || true
+	rm -rf "$src"
+	((status == 0)) || { rm -f "$operator.partial"; say "FAILED to build kuberay-operator"; return "$status"; }
+	mv "$operator.partial" "$operator"
+	say "built kuberay-operator in $(fmt_duration $((SECONDS - started)))"
+}
+
+state_dir() {
+	local dir=${1:-$root/.cluster}
+	[[ $dir == /* ]] || dir=$PWD/$dir
+	echo "$dir"
+}
+
+kubectl() { "$root/.tools/bin/kubectl" --kubeconfig "$state/kubeconfig" "$@"; }
+
+# A recorded pid counts as ours only while its command line names this state directory (the
+# operator's -kubeconfig does): a pid reused by another process is neither reported nor killed.
+ours() { [[ -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$state/"; }
+
+running() {
+	[[ -f $state/kuberay/pids ]] || return 1
+	local _ pid
+	while read -r _ pid; do ours "$pid" || return 1; done <"$state/kuberay/pids"
+}
+
+# A port below the kernel's ephemeral range that nothing listens on (as hack/cluster.sh picks them).
+free_port() {
+	local used port
+	used=" $(ss -Htan | awk '{ n = split($4, a, ":"); printf "%s ", a[n] }') "
+	while port=$((20000 + RANDOM % 12000)); [[ $used == *" $port "* ]]; do :; done
+	echo "$port"
+}
+
+wait_for() {
+	local what=$1 seconds=$2
+	shift 2
+	local deadline=$((SECONDS + seconds))
+	until "$@" >/dev/null 2>&1; do
+		if ((SECONDS >= deadline)); then
+			say "FAILED: no $what after ${seconds}s; last lines of the log:"
+			tail -n 20 "$state/kuberay/kuberay-operator.log" >&2 || true
+			return 1
+		fi
+		sleep 0.5
+	done
+	say "$what"
+}
+
+up() {
+	[[ -f $state/kubeconfig ]] || { say "no cluster in $state (hack/cluster.sh up starts one)"; return 1; }
+	if running; then
+		say "KubeRay already runs for $state"
+		return
+	fi
+	build
+	local dir crd port
+	dir=$(module_dir)
+	mkdir -p "$state/kuberay"
+	rm -f "$state/kuberay/pids"
+	for crd in "${crds[@]}"; do
+		kubectl apply --server-side --force-conflicts --field-manager=forkless-kuberay \
+			-f "$dir/config/crd/bases/ray.io_$crd.yaml" >/dev/null
+	done
+	for crd in "${crds[@]}"; do
+		# `wait` fails at once while the new CRD has no status yet: retried until it has one.
+		wait_for "CRD $crd.ray.io established" 60 kubectl wait --for=condition=Established --timeout=2s "crd/$crd.ray.io"
+	done
+	port=$(free_port)
+	echo "health_port=$port" >"$state/kuberay/ports"
+	# No metrics server (-metrics-addr=0): nothing scrapes it here, and its default :8080 is taken.
+	setsid env ENABLE_INIT_CONTAINER_INJECTION=false "$operator" -kubeconfig="$state/kubeconfig" \
+		-use-kubernetes-proxy -enable-leader-election=false -metrics-addr=0 \
+		-health-probe-bind-address="127.0.0.1:$port" -log-stdout-encoder=console \
+		>"$state/kuberay/kuberay-operator.log" 2>&1 </dev/null &
+	echo "kuberay-operator $!" >"$state/kuberay/pids"
+	wait_for "kuberay-operator ready" 120 curl -sf "http://127.0.0.1:$port/readyz" || { down; return 1; }
+	say "KubeRay $kuberay_version runs for $state (log in $state/kuberay/)"
+}
+
+down() {
+	[[ -f $state/kuberay/pids ]] || return 0
+	local name pid
+	while read -r name pid; do
+		if ours "$pid"; then
+			kill "$pid" 2>/dev/null || true
+			for _ in $(seq 50); do ours "$pid" || break; sleep 0.1; done
+			ours "$pid" && kill -9 "$pid" 2>/dev/null || true
+			say "stopped $name"
+		fi
+	done <"$state/kuberay/pids"
+	rm -f "$state/kuberay/pids"
+}
+
+command=${1:-status}
+state=$(state_dir "${2:-}")
+case $command in
+build) build ;;
+up) up ;;
+down) down ;;
+status) if running; then echo "KubeRay $kuberay_version runs for $state"; else echo "KubeRay is not running for $state"; exit 1; fi ;;
+*)
+	sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+	exit 2
+	;;
+esac

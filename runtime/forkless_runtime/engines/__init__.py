@@ -1,0 +1,1 @@
+"""Other serving engines for the same models and handlers (Ray Serve)."""
