@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODELS := .models
 PORT ?= 8080
 
-.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean proto kserve-env
+.PHONY: venv run run-runtime serve images test test-fast lint bench reliability models clean proto kserve-env ray-env
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,18 @@ $(KSERVE_ENV)/.installed: $(KSERVE_REQUIREMENTS) | venv
 	$(PY) -m pip install --quiet --progress-bar off --no-deps --target $(KSERVE_ENV) -r $(KSERVE_REQUIREMENTS)
 	@touch $@
 
+# Ray Serve 2.60 beside the venv (engine: ray): the tests run a local Ray cluster with the serveConfigV2 the
+# operator renders, and check it against Ray's own schema. The list is ray[serve] resolved against
+# constraints.txt, so nothing the venv pins is replaced.
+RAY_ENV := .venv-ray
+RAY_REQUIREMENTS := examples/ray/requirements.txt
+ray-env: $(RAY_ENV)/.installed
+
+$(RAY_ENV)/.installed: $(RAY_REQUIREMENTS) | venv
+	rm -rf $(RAY_ENV)
+	$(PY) -m pip install --quiet --progress-bar off --no-deps --target $(RAY_ENV) -r $(RAY_REQUIREMENTS)
+	@touch $@
+
 models: venv
 	@$(PY) -m forkless_runtime.example_models $(MODELS)
 
@@ -41,7 +53,7 @@ run: venv
 # forkless-runtime and forkless-operator images without Docker (buildah, a Debian base from
 # mmdebstrap, wheels of the pinned constraints), imported into the local real node when it runs.
 images:
-	@hack/images.sh all runtime operator
+	@hack/images.sh all runtime operator ray
 
 run-runtime: models
 	@$(PY) hack/demo-runtime.py --model $(MODELS)/mlp.pt --port $(PORT)
@@ -49,7 +61,7 @@ run-runtime: models
 serve: models
 	$(VENV)/bin/forkless-runtime serve --model-name mlp --model-uri $(MODELS)/mlp.pt --workers 2 --port $(PORT)
 
-test: venv kserve-env
+test: venv kserve-env ray-env
 	$(VENV)/bin/ruff check runtime operator tests bench hack
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
@@ -79,7 +91,7 @@ reliability: venv
 	$(PY) -m pytest -q tests/reliability/test_operator_chaos.py tests/reliability/test_crd_properties.py
 
 clean:
-	rm -rf $(VENV) $(KSERVE_ENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_ENV) $(RAY_ENV) $(MODELS) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # Regenerate the gRPC messages from runtime/forkless_runtime/protocol/proto/grpc_service.proto
 # (tests/runtime/test_codecs.py fails when the committed pb2 drifts from the proto).

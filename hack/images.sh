@@ -3,6 +3,8 @@
 #
 #   runtime   runtime/Dockerfile   -> localhost/forkless-runtime:<version>
 #   operator  operator/Dockerfile  -> localhost/forkless-operator:<version>
+#   ray       runtime/Dockerfile.ray -> localhost/forkless-ray:<version> (the runtime image plus
+#             ray[serve], for InferenceServices with engine: ray; built on the runtime image)
 #   pause     the Kubernetes pause binary, compiled from the pinned kubernetes module's
 #             build/pause/linux/pause.c -> localhost/forkless-pause:<kubernetes version>
 #
@@ -18,7 +20,7 @@
 # change to forkless's own code rebuilds only the last layers, not the torch layer.
 #
 # Usage:
-#   hack/images.sh [build|import|all] [runtime|operator|pause ...]
+#   hack/images.sh [build|import|all] [runtime|operator|ray|pause ...]
 #       build   build what changed, export OCI archives into the cache
 #       import  import the archives into the real node's containerd (k8s.io namespace), when
 #               the node of $FORKLESS_CLUSTER_DIR (default .cluster/) runs and lacks them
@@ -70,7 +72,7 @@ bah() { buildah --root "$cache/store" --runroot "$cache/run" --storage-driver ov
 
 ref() {
 	case $1 in
-	runtime | operator) echo "localhost/forkless-$1:$version" ;;
+	runtime | operator | ray) echo "localhost/forkless-$1:$version" ;;
 	pause) echo "localhost/forkless-pause:$k8s_version" ;;
 	*)
 		say "unknown image $1 (runtime, operator or pause)"
@@ -116,7 +118,7 @@ download_wheels() {
 	python3 - "$root/pyproject.toml" >"$requirements" <<-'EOF'
 		import sys, tomllib
 		extras = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]
-		print("\n".join(extras["runtime"] + extras["operator"] + ["setuptools==84.2.1"]))
+		print("\n".join(extras["runtime"] + extras["operator"] + ["setuptools==84.2.1", "ray[serve]==2.60.0"]))
 	EOF
 	local stamp=$wheels/.forkless-complete digest
 	digest=$(cat "$requirements" "$root/constraints.txt" | sha256sum | cut -d' ' -f1)
@@ -150,7 +152,8 @@ inputs_hash() {
 			bah images --quiet --no-trunc "$base_ref"
 			cd "$root"
 			# What .dockerignore lets into the build context.
-			find "$image/Dockerfile" pyproject.toml constraints.txt README.md \
+			[[ $image != ray ]] || bah images --quiet --no-trunc "$(ref runtime)"
+			find "$(dockerfile "$image")" pyproject.toml constraints.txt README.md \
 				runtime/forkless_runtime operator/forkless_operator \
 				-type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
 			;;
@@ -178,16 +181,18 @@ build_pause() {
 	rm -rf "$work"
 }
 
+dockerfile() { if [[ $1 == ray ]]; then echo runtime/Dockerfile.ray; else echo "$1/Dockerfile"; fi; }
+
 build_dockerfile() {
 	local image=$1
 	download_wheels
-	say "$image: buildah bud -f $image/Dockerfile (BASE_IMAGE=$base_ref, wheels from $wheels) ..."
+	say "$image: buildah bud -f $(dockerfile "$image") (BASE_IMAGE=$base_ref, wheels from $wheels) ..."
 	(cd "$root" && heartbeat "building $(ref "$image")" \
 		bah bud --quiet --layers --network host --isolation chroot \
-		--build-arg BASE_IMAGE="$base_ref" \
+		--build-arg BASE_IMAGE="$base_ref" --build-arg RUNTIME_IMAGE="$(ref runtime)" \
 		--build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1 \
 		--volume "$wheels:/wheels:ro" \
-		--file "$image/Dockerfile" --tag "$(ref "$image")" .) >/dev/null
+		--file "$(dockerfile "$image")" --tag "$(ref "$image")" .) >/dev/null
 }
 
 build() {
@@ -196,6 +201,7 @@ build() {
 	stamp=$target.inputs
 	mkdir -p "$cache/archives"
 	[[ $image == pause ]] || base_image
+	[[ $image != ray ]] || build runtime # its base
 	hash=$(inputs_hash "$image")
 	if [[ -f $target && -f $stamp && $(cat "$stamp") == "$hash" ]] && have_image "$(ref "$image")"; then
 		say "$image: $(ref "$image") is up to date ($(size_of "$image"))"
@@ -255,7 +261,7 @@ import() {
 
 list() {
 	local image target state
-	for image in runtime operator pause; do
+	for image in runtime operator ray pause; do
 		target=$(archive "$image")
 		state=missing
 		[[ -f $target ]] && state="built, $(size_of "$image")"
@@ -275,7 +281,7 @@ main() {
 		return
 		;;
 	build | import | all) shift || true ;;
-	runtime | operator | pause) command=all ;;
+	runtime | operator | ray | pause) command=all ;;
 	*)
 		sed -n '/^# Usage:/,/^# Environment:/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
 		exit 2

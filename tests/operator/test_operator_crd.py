@@ -81,9 +81,11 @@ def rules_at(schema: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
 def test_every_rule_is_in_the_crd_where_it_belongs() -> None:
     rules = rules_at(openapi_schema())
     expected = {
-        ".spec": [spec.REPLICAS_OR_AUTOSCALING_RULE, spec.AUTOSCALING_NEEDS_CPU_RULE,
+        "": [spec.RAY_NAME_RULE],
+        ".spec": [spec.ENGINE_IMMUTABLE_RULE, spec.REPLICAS_OR_AUTOSCALING_RULE, spec.AUTOSCALING_NEEDS_CPU_RULE,
                   spec.GPU_FRACTION_NEEDS_GPUS_RULE, spec.GPU_FRACTION_FITS_RULE, spec.FP16_NEEDS_GPUS_RULE,
-                  spec.INT8_ON_CPU_RULE, spec.INT8_NOT_EXPORTED_RULE],
+                  spec.INT8_ON_CPU_RULE, spec.INT8_NOT_EXPORTED_RULE, *spec.RAY_SPEC_RULES],
+        ".spec.ray": [spec.WHOLE_ABOVE_ONE_RULE, spec.REPLICA_FITS_POD_RULE],
         ".spec.model": [spec.PYTHON_HANDLER_RULE, spec.CACHE_NEEDS_DOWNLOAD_RULE, spec.REPOSITORY_RULE],
         ".spec.model.uri": [spec.URI_SCHEME_RULE, *spec.URI_FORM_RULES],
         ".spec.runtime.workers": list(spec.WORKERS_RULES),

@@ -192,9 +192,12 @@ def test_an_invalid_spec_gives_a_message_naming_the_field() -> None:
 
 def test_every_rendered_child_kind_is_in_the_one_table_and_has_a_path() -> None:
     rendered: dict[str, Any] = {}
-    for autoscaling in ({"maxReplicas": 3}, {"maxReplicas": 3, "class": "keda", "metric": "queueDepth"}):
+    for engine, autoscaling in (("deployment", {"maxReplicas": 3}),
+                                ("deployment", {"maxReplicas": 3, "class": "keda", "metric": "queueDepth"}),
+                                ("ray", {"maxReplicas": 3, "metric": "inFlight"})):
         body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u"},
-                "spec": {"model": {"uri": "file:///m.pt"}, "autoscaling": autoscaling, "resources": {"cpu": 1}}}
+                "spec": {"model": {"uri": "file:///m.pt"}, "autoscaling": autoscaling, "resources": {"cpu": 1},
+                         "engine": engine}}
         children = render_children(InferenceService.model_validate(body))
         assert list(children) == [child.role for child in kinds.CHILDREN]
         rendered.update({role: manifest for role, manifest in children.items() if manifest is not None})

@@ -79,6 +79,10 @@ No secrets, no nodes, no configmaps.
 - apiGroups: [keda.sh]
   resources: [scaledobjects]
   verbs: [get, list, watch, create, patch, delete]
+# KubeRay's RayServices, for engine ray (nothing is read or written where KubeRay is absent).
+- apiGroups: [ray.io]
+  resources: [rayservices]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
