@@ -76,13 +76,15 @@ lint: venv
 # Runtime side by side (bare model, front-end ceiling, forkless, KServe 0.21) -> bench/results/latest.md;
 # then the operator at 1000 InferenceServices -> bench/results/operator-latest.md; then a 1 GiB model
 # download against the S3 server's raw throughput -> bench/results/storage-latest.md; then each
-# precision's speed and error, and the plan against measured memory -> bench/results/precision-latest.md.
-bench: venv
+# precision's speed and error, and the plan against measured memory -> bench/results/precision-latest.md;
+# then HTTP against gRPC; then the same model through both engines (forkless, Ray Serve) -> engines-latest.md.
+bench: venv ray-env
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/operator_scale.py $(OPERATOR_BENCH_ARGS)
 	$(PY) bench/storage.py $(STORAGE_BENCH_ARGS)
 	$(PY) bench/precision.py $(PRECISION_BENCH_ARGS)
 	$(PY) bench/protocols.py $(PROTOCOLS_BENCH_ARGS)
+	$(PY) bench/engines.py $(ENGINES_BENCH_ARGS)
 
 # Fuzz, soak with worker kills, overload (bench/results/reliability.md; RELIABILITY_ARGS="--duration 600"),
 # then the operator under faults: killed mid-burst, API server restarted, children edited by others.

@@ -497,3 +497,130 @@ def test_without_keda_class_keda_says_so_and_with_it_every_autoscaler_is_accepte
                  "-p", json.dumps({"spec": {"autoscaling": {"class": "hpa"}}}))
     wait_for(lambda: not kube.json("get", KEDA_CRD, "-n", namespace)["items"]
              and kube.json("get", "hpa", "-n", namespace)["items"], 60, "the HPA instead of the ScaledObject")
+
+
+# --- engine: ray ----------------------------------------------------------------------------------
+
+RAY_CRD = "rayservices.ray.io"
+
+
+def kuberay_crds() -> Path:
+    """KubeRay's CRDs as its pinned module ships them (the version hack/kuberay.sh runs)."""
+    version = next(line.split("=", 1)[1] for line in (ROOT / "hack" / "kuberay.sh").read_text().splitlines()
+                   if line.startswith("kuberay_version="))
+    found = subprocess.run(["go", "mod", "download", "-json", f"github.com/ray-project/kuberay/ray-operator@{version}"],
+                           capture_output=True, text=True, check=True, timeout=300)
+    return Path(json.loads(found.stdout)["Dir"]) / "config" / "crd" / "bases"
+
+
+def install_kuberay_crds(kube: Kube) -> None:
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests",
+                 "-f", str(kuberay_crds()))
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{RAY_CRD}")
+
+
+def ray_body(name: str) -> dict[str, Any]:
+    body = example("ray-cpu.yaml", rename=name)
+    body["spec"]["runtime"]["image"] = "localhost/forkless-ray:test"
+    return body
+
+
+def write_ray_status(kube: Kube, namespace: str, name: str, status: dict[str, Any]) -> None:
+    """What KubeRay would write, through the status subresource (no KubeRay runs in this test)."""
+    kube.kubectl("patch", "rayservice", name, "-n", namespace, "--subresource=status", "--type=merge",
+                 "-p", json.dumps({"status": status}))
+
+
+def ray_status(generation: int, ready: tuple[str, str], app: str, message: str = "",
+               upgrading: bool = False) -> dict[str, Any]:
+    now = "2026-11-26T00:00:00Z"
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "numServeEndpoints": 1 if ready[0] == "True" else 0,
+        "conditions": [
+            {"type": "Ready", "status": ready[0], "reason": ready[1], "message": "", "lastTransitionTime": now},
+            {"type": "UpgradeInProgress", "status": "True" if upgrading else "False",
+             "reason": "BothActivePendingClustersExist" if upgrading else "NoPendingCluster", "message": "",
+             "lastTransitionTime": now}],
+        "activeServiceStatus": {
+            "rayClusterName": "ray-states-abcde",
+            "applicationStatuses": {"mlp": {"status": app, "message": message, "serveDeploymentStatuses": {
+                "ForklessModel": {"status": "UNHEALTHY" if app == "UNHEALTHY" else "HEALTHY",
+                                  "message": "a replica died" if app == "UNHEALTHY" else ""}}}},
+            "rayClusterStatus": {"desiredWorkerReplicas": 1, "readyWorkerReplicas": 1, "desiredGPU": "0"}},
+    }
+    if upgrading:
+        status["pendingServiceStatus"] = {"rayClusterName": "ray-states-fghij", "applicationStatuses": {
+            "mlp": {"status": "DEPLOYING", "message": ""}}}
+    return status
+
+
+def test_without_kuberay_engine_ray_says_so_then_the_rayservice_follows_and_passes_dry_run(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    kube.kubectl("delete", "crd", RAY_CRD, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    kube.apply(ray_body("ray-missing"), namespace=namespace)
+    missing = wait_for(lambda: (c := ready(kube, namespace, "ray-missing")) and c["reason"] == "KubeRayNotInstalled"
+                       and c, 60, "Ready=False KubeRayNotInstalled")
+    assert missing["status"] == "False" and "install KubeRay" in missing["message"]
+    assert not kube.json("get", "deployments,services", "-n", namespace, "-l",
+                         "app.kubernetes.io/instance=ray-missing")["items"]
+    install_kuberay_crds(kube)
+    applied = wait_for(lambda: kube.json("get", "rayservices", "-n", namespace)["items"], 120,
+                       "the RayService applied once KubeRay's CRDs exist")
+    assert applied[0]["metadata"]["ownerReferences"][0]["name"] == "ray-missing"
+    # Every rendered RayService passes KubeRay v1.5.0's schema: GPU and CPU, autoscaled, haproxy, podTemplate.
+    for name, spec_change in (("ray-gpu.yaml", {}), ("ray-cpu.yaml", {"ray": {"ingress": "haproxy",
+                                                                             "upgradeStrategy": "None"}}),
+                              ("ray-cpu.yaml", {"podTemplate": {"spec": {"runtimeClassName": "nvidia"}}})):
+        body = example(name)
+        service = InferenceService.model_validate({**body, "metadata": {
+            "name": "dry", "namespace": namespace, "uid": "00000000-0000-0000-0000-000000000001"},
+            "spec": {**body["spec"], **spec_change}})
+        (manifest,) = [m for m in render_children(service).values() if m is not None]
+        kube.kubectl("apply", "--dry-run=server", "--server-side", "--field-manager=forkless-tests",
+                     "-f", "-", input=json.dumps(manifest))
+
+
+def test_engine_ray_status_follows_every_rayservice_state(
+    kube: Kube, namespace: str, running: Operator, wait_for: Wait
+) -> None:
+    install_kuberay_crds(kube)
+    kube.apply(ray_body("ray-states"), namespace=namespace)
+    rayservice = wait_for(lambda: kube.json("get", "rayservices", "-n", namespace, "-o", "json")["items"], 60,
+                          "the RayService")[0]
+    generation = rayservice["metadata"]["generation"]
+
+    def reaches(status: dict[str, Any], condition: str, state: str, reason: str) -> dict[str, Any]:
+        write_ray_status(kube, namespace, "ray-states", status)
+        return wait_for(lambda: (c := conditions(get_isvc(kube, namespace, "ray-states")).get(condition))
+                        and (c["status"], c["reason"]) == (state, reason) and c, 60, f"{condition}={state} {reason}")
+
+    reaches(ray_status(generation, ("False", "Initializing"), "DEPLOYING"), "Ready", "False", "RayInitializing")
+    failed = reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "DEPLOY_FAILED",
+                                "ImportError: no module named handlers"), "Ready", "False", "ServeDeployFailed")
+    assert "no module named handlers" in failed["message"]
+    reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "DEPLOYING"), "Ready", "False", "ServeDeploying")
+    reaches(ray_status(generation - 1, ("True", "NonZeroServeEndpoints"), "RUNNING"), "Ready", "False",
+            "RayInitializing")  # KubeRay has not seen this generation: its Ready is about the last one
+    reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "RUNNING"), "Ready", "True", "Serving")
+    body = get_isvc(kube, namespace, "ray-states")
+    assert body["status"]["url"] == f"http://ray-states-serve-svc.{namespace}.svc.cluster.local:8000"
+    assert body["status"]["ray"]["activeCluster"] == "ray-states-abcde"
+    degraded = reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "UNHEALTHY"), "Degraded", "True",
+                       "ServeDeploymentUnhealthy")
+    assert "a replica died" in degraded["message"]
+    assert ready(kube, namespace, "ray-states")["reason"] == "ServeUnhealthy"
+    upgrading = reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "RUNNING", upgrading=True),
+                        "Upgrading", "True", "NewClusterPending")
+    assert "ray-states-fghij" in upgrading["message"]
+    reaches(ray_status(generation, ("False", "ZeroServeEndpoints"), "RUNNING"), "Ready", "False", "NoServeEndpoints")
+    reaches(ray_status(generation, ("False", "InitializingTimeout"), "DEPLOYING"), "Ready", "False",
+            "RayInitializingTimeout")
+    # engine is immutable, and a long name is refused, by the API server with the model's messages.
+    result = kube.kubectl("patch", ISVC, "ray-states", "-n", namespace, "--type=merge",
+                          "-p", '{"spec": {"engine": "deployment", "ray": null}}', check=False)
+    assert result.returncode != 0 and "engine cannot change" in result.stderr, result.stderr
+    result = kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", check=False,
+                          input=json.dumps(ray_body("r" * 48)))
+    assert result.returncode != 0 and "at most 47 characters" in result.stderr, result.stderr

@@ -135,8 +135,9 @@ def test_the_rendered_app_serves_v1_and_v2_with_the_runtimes_loaders_and_errors(
     malformed = client.post("/v2/models/mlp/infer", content=b"{not json")
     assert malformed.status_code == 400
 
-    # Concurrent requests are batched by Serve's batcher and each gets its own rows back.
-    inputs = [np.full((1 + i % 3, 16), i, dtype=np.float32) for i in range(48)]
+    # Concurrent requests are batched by Serve's batcher and each gets its own rows back; 40 rows, more than a
+    # batch of 16, ride alone.
+    inputs = [np.full((1 + i % 3, 16), i, dtype=np.float32) for i in range(48)] + [np.ones((40, 16), np.float32)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda a: client.post("/v2/models/mlp/infer", json=v2_body(a, name="x")), inputs))
     for sent, got in zip(inputs, answers, strict=True):

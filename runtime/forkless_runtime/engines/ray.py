@@ -135,7 +135,9 @@ class ForklessModel:
 
     async def predict(self, tensors: list[NamedTensor], parameters: dict[str, Any] | None) -> list[NamedTensor]:
         """Batched with other requests when the model allows it and no parameters ride along."""
-        if self.model.batchable and parameters is None and self.settings.max_batch_size > 1 and batch_key(tensors):
+        # A request bigger than a batch rides alone (Serve's batcher would refuse it), as in the runtime's batcher.
+        if (self.model.batchable and parameters is None and self.settings.max_batch_size > 1
+                and samples(tensors) <= self.settings.max_batch_size and batch_key(tensors)):
             result = await self._batcher(tensors)
             if isinstance(result, BaseException):  # Serve hands back what run_batch returned for this request
                 raise result
