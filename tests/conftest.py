@@ -136,6 +136,17 @@ class Kube:
     def json(self, *args: str) -> Any:
         return json.loads(self.kubectl(*args, "--output=json").stdout)
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Until the CRD serves its kind. (`kubectl wait --for=condition=Established` fails instead of waiting
+        while a new CRD has no conditions yet: "accessor error: <nil> is of the type <nil>".)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            conditions = self.json("get", "crd", crd).get("status", {}).get("conditions") or []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return
+            assert time.monotonic() < deadline, f"CRD {crd} not Established after {timeout:g} s: {conditions}"
+            time.sleep(0.2)
+
     def apply(self, *objects: dict[str, Any], namespace: str | None = None) -> None:
         """Server-side apply of ``objects``, into ``namespace`` if given."""
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})

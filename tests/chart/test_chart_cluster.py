@@ -36,10 +36,8 @@ def crds(kube: Kube) -> None:
     """The InferenceService CRD and kopf's peering CRDs, established before any test here."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "config" / "kopf-peering"))
-    kube.kubectl(
-        "wait", "--for=condition=Established", "--timeout=30s", f"crd/{ISVC}",
-        "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev",
-    )
+    for crd in (ISVC, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+        kube.wait_established(crd, 30)
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def widget_crd(kube: Kube) -> Iterator[None]:
         },
     }
     kube.apply(crd)
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/widgets.cel.forkless.test")
+    kube.wait_established("widgets.cel.forkless.test", 30)
     yield
     kube.kubectl("delete", "crd", "widgets.cel.forkless.test", "--wait=false", check=False)
 

@@ -46,7 +46,7 @@ Wait = Callable[..., Any]
 @pytest.fixture(scope="module")
 def crd(kube: Kube) -> None:
     kube.kubectl("apply", "--server-side", "--field-manager=forkless-tests", "-f", str(CRD_PATH))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{ISVC}")
+    kube.wait_established(ISVC, 30)
 
 
 class Operator:
@@ -516,7 +516,7 @@ def kuberay_crds() -> Path:
 def install_kuberay_crds(kube: Kube) -> None:
     kube.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=forkless-tests",
                  "-f", str(kuberay_crds()))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{RAY_CRD}")
+    kube.wait_established(RAY_CRD, 60)
 
 
 def ray_body(name: str) -> dict[str, Any]:

@@ -55,7 +55,7 @@ TALLY = {"accepted": 0, "rejected": 0, "children_dry_run": 0}
 def api(kube: TestKube) -> Iterator[tuple[Kube, str]]:
     """The operator's own API client pointed at the test cluster, and a namespace of the module's."""
     kube.kubectl("apply", "--server-side", "--field-manager=forkless-tests", "-f", str(CRD_PATH))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{ISVC}")
+    kube.wait_established(ISVC, 30)
     namespace = f"crd-properties-{secrets.token_hex(3)}"
     kube.kubectl("create", "namespace", namespace)
     kube.kubectl("label", "namespace", namespace, "forkless.test/scratch=true")

@@ -107,7 +107,7 @@ class MeteredOperator(Operator):
 @pytest.fixture
 def operator(kube: Kube, tmp_path: Path) -> Iterator[MeteredOperator]:
     kube.kubectl("apply", "--server-side", "--field-manager=forkless-tests", "-f", str(CRD_PATH))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{ISVC}")
+    kube.wait_established(ISVC, 30)
     handle = MeteredOperator({**kube.env, **IMAGE_ENV}, tmp_path / "operator.log")
     handle.start()
     yield handle
@@ -277,7 +277,7 @@ def test_apiserver_and_etcd_restart_operator_reconnects_and_converges(
 ) -> None:
     cluster, kube = own_cluster
     kube.kubectl("apply", "--server-side", "--field-manager=forkless-tests", "-f", str(CRD_PATH))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{ISVC}")
+    kube.wait_established(ISVC, 30)
     kube.kubectl("create", "namespace", "chaos")
     wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", "chaos", check=False).returncode == 0,
              30, "ServiceAccount chaos/default")
