@@ -47,7 +47,7 @@ build() {
 	src=$(mktemp -d "$cache/src.XXXXXX")
 	cp -r "$dir/." "$src"
 	chmod -R u+w "$src"
-	say "building kuberay-operator $kuberay_version (about a minute and a half on two cores) ..."
+	say "building kuberay-operator $kuberay_version (about two minutes on two cores) ..."
 	(exec 9>&-; while sleep 60; do say "  ... still building kuberay-operator ($(fmt_duration $((SECONDS - started))))"; done) &
 	local ticker=$!
 	(cd "$src" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$operator.partial" .) || status=$?

@@ -49,6 +49,14 @@ def _app(service_status: Mapping[str, Any] | None, name: str) -> Mapping[str, An
     return ((service_status or {}).get("applicationStatuses") or {}).get(name) or {}
 
 
+def _said(app: Mapping[str, Any]) -> str:
+    """The application's message and each deployment's (where Serve puts a constructor's error)."""
+    said = [app["message"]] if app.get("message") else []
+    said += [f"{name}: {d['message']}" for name, d in (app.get("serveDeploymentStatuses") or {}).items()
+             if d.get("message")]
+    return "; ".join(said)
+
+
 def _unhealthy_deployments(app: Mapping[str, Any]) -> list[str]:
     deployments = app.get("serveDeploymentStatuses") or {}
     return [f"{name}: {d.get('message') or UNHEALTHY}" for name, d in deployments.items() if d.get("status") == UNHEALTHY]
@@ -85,7 +93,7 @@ def ray_view(isvc: InferenceService, rayservice: Mapping[str, Any] | None) -> Ra
         ready = (False, "RayInitializing", f"KubeRay has not observed generation {generation} of RayService {name} yet")
     elif DEPLOY_FAILED in (app_status, pending_app.get("status")):
         failed = app if app_status == DEPLOY_FAILED else pending_app
-        ready = (False, "ServeDeployFailed", failed.get("message") or "the Serve application failed to deploy")
+        ready = (False, "ServeDeployFailed", _said(failed) or "the Serve application failed to deploy")
     elif ray_ready.get("status") != "True":
         if ray_ready.get("reason") == ZERO_SERVE_ENDPOINTS:
             ready = (False, "NoServeEndpoints", f"the serve Service {name}-serve-svc has no ready endpoint")
@@ -93,8 +101,10 @@ def ray_view(isvc: InferenceService, rayservice: Mapping[str, Any] | None) -> Ra
             ready = (False, "RayInitializing", ray_ready.get("message") or "the Ray cluster is starting")
     elif app_status != RUNNING:
         reason = "ServeUnhealthy" if app_status == UNHEALTHY else "ServeDeploying"
+        # While deploying, Serve says why replicas do not start (a constructor error, retried) per deployment.
+        said = _said(app)
         ready = (False, reason, f"the Serve application {isvc.model_name} is {app_status or 'not deployed yet'}"
-                 + (f": {app_message}" if app_message else ""))
+                 + (f": {said}" if said else ""))
     else:
         ready = (True, "Serving", f"the Serve application {isvc.model_name} is RUNNING with "
                  f"{status.get('numServeEndpoints', 0)} serve endpoint(s)")

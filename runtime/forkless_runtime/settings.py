@@ -279,7 +279,7 @@ FLAGS_BY_FIELD: dict[str, Flag] = {flag.field: flag for flag in FLAGS}
 # (ports, queue, drain, workers) are Serve's business there. The operator renders exactly these.
 RAY_REPLICA_SETTINGS = ("model_name", "model_uri", "format", "handler", "signature", "device", "threads_per_worker",
                         "gpu_memory_fraction", "precision", "input_shapes", "max_batch_size", "max_batch_delay_ms",
-                        "max_body_mb", "log_level")
+                        "max_body_mb", "max_load_attempts", "log_level")
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in FLAGS_BY_FIELD}
 
 

@@ -147,14 +147,13 @@ def test_the_rendered_app_serves_v1_and_v2_with_the_runtimes_loaders_and_errors(
 
 
 def test_a_handler_that_cannot_be_imported_fails_the_deploy_with_its_reason(local_ray: LocalRay, models: Path) -> None:
+    """After runtime.maxLoadAttempts replica starts (3), not Serve's 20: DEPLOY_FAILED, with the import error."""
     config = rendered_config(models / "mlp.pt", local_ray.http_port)
     app = config["applications"][0]
-    app["name"] = "broken"
-    app["route_prefix"] = "/broken"
-    app["args"]["settings"].update({"format": "python", "handler": "no_such_module:Model", "model_name": "broken"})
+    app["args"]["settings"].update({"format": "python", "handler": "no_such_module:Model"})
     app["args"]["settings"].pop("signature")
-    app["deployments"][0]["num_replicas"] = 1
-    local_ray.deploy({**config, "applications": [*rendered_config(models / "mlp.pt", local_ray.http_port)["applications"],
-                                                 app]})
-    failed = local_ray.wait_for_app("broken", "DEPLOY_FAILED", timeout=240)
-    assert "no_such_module" in failed["message"]
+    local_ray.deploy(config)  # replaces the working application: Serve's config is declarative
+    failed = local_ray.wait_for_app("mlp", "DEPLOY_FAILED", timeout=120)
+    deployment = failed["deployments"]["ForklessModel"]
+    assert deployment["status"] == "DEPLOY_FAILED"
+    assert "failed to start 3 times" in deployment["message"] and "no_such_module" in deployment["message"]

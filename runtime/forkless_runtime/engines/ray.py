@@ -28,7 +28,6 @@ import orjson
 from ..protocol import v1, v2
 from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import (
-    FLAGS_BY_FIELD,
     RAY_REPLICA_SETTINGS,
     Settings,
     add_flags,
@@ -229,15 +228,18 @@ class ForklessModel:
         return _response(v1.encode_response(await self.predict(inputs, parameters)))
 
 
-def deployment(max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005) -> Any:
-    """ForklessModel as a Serve deployment, its batch method wrapped by Serve's batcher (counted in samples)."""
+def deployment(max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_load_attempts: int = 3) -> Any:
+    """ForklessModel as a Serve deployment, its batch method wrapped by Serve's batcher (counted in samples).
+
+    A model that cannot load fails the deploy after ``max_load_attempts`` replica starts (the runtime's
+    --max-load-attempts; Serve's own default is 20 tries, minutes of DEPLOYING before DEPLOY_FAILED)."""
     from ray import serve
 
     # Serve recognises a method by finding the wrapper under the wrapped function's own name.
     run_batch = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                             batch_size_fn=lambda items: sum(samples(t) for t in items))(ForklessModel.run_batch)
     replica = type(DEPLOYMENT_NAME, (ForklessModel,), {"run_batch": run_batch, "__module__": __name__})
-    return serve.deployment(name=DEPLOYMENT_NAME)(replica)
+    return serve.deployment(name=DEPLOYMENT_NAME, max_constructor_retry_count=max_load_attempts)(replica)
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -248,10 +250,8 @@ def build_app(args: dict[str, Any]) -> Any:
     settings = args.get("settings")
     if not isinstance(settings, dict):
         raise ValueError("args.settings must be a mapping of forkless-runtime settings")
-    unknown = sorted(set(settings) - set(FLAGS_BY_FIELD))
-    if unknown:
-        raise ValueError(f"unknown forkless-runtime settings: {', '.join(unknown)}")
-    return deployment().bind(settings)
+    attempts = parse_settings(settings).max_load_attempts  # unknown or malformed settings fail here
+    return deployment(max_load_attempts=attempts).bind(settings)
 
 
 # Settings is re-exported for the operator's contract test, which checks the rendered args parse.
