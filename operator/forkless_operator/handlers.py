@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -222,14 +222,14 @@ def reconcile(
                                  credentials=credentials)
         problem = credentials_problem or model_claim_problem(kube, isvc)
         _write_status(kube, body, key, isvc, generation, settings, APPLIED, problem,
-                      freshest_deployment(applied.get("Deployment") or applied.get("RayService"),
-                                          _workload(key, body, deployment_index)),
+                      lambda: freshest_deployment(applied.get("Deployment") or applied.get("RayService"),
+                                                  _workload(key, body, deployment_index)),
                       pod_index.get(key, []))
         if credentials_problem is not None:
             raise kopf.TemporaryError(credentials_problem.message, delay=CREDENTIALS_RETRY_DELAY_S)
     except KindNotServed as missing:  # e.g. KEDA not installed: said in Ready, rechecked every minute
         _write_status(kube, body, key, isvc, generation, settings, missing.observation, missing.observation,
-                      _workload(key, body, deployment_index), pod_index.get(key, []))
+                      lambda: _workload(key, body, deployment_index), pod_index.get(key, []))
         raise kopf.TemporaryError(missing.observation.message, delay=NOT_SERVED_RETRY_DELAY_S) from missing
     except ApiException as error:
         metrics.REGISTRY.error(f"Api{error.status}")
@@ -246,13 +246,16 @@ def reconcile(
 
 def _write_status(kube: Any, body: Mapping[str, Any], key: Key, isvc: InferenceService, generation: int,
                   settings: Settings, reconciled: Observation, problem: Observation | None,
-                  deployment: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> None:
+                  workload: Callable[[], Mapping[str, Any] | None], pods: Iterable[Mapping[str, Any]]) -> None:
     """The status after a reconcile (applied, or stopped by a problem), written once, and one Warning
-    event when Ready turns False for a new reason."""
+    event when Ready turns False for a new reason.
+
+    The workload (Deployment or RayService) is read under the status lock: an event of it handled
+    meanwhile found no status to refresh (none written yet) and left its news in the index, read here."""
     STATUS.problems[key] = problem
     with STATUS.lock(key):
         previous = STATUS.previous(key, body.get("status"))
-        status = compute_status(isvc, deployment, pods, generation, reconciled=reconciled, problem=problem,
+        status = compute_status(isvc, workload(), pods, generation, reconciled=reconciled, problem=problem,
                                 previous=previous, settings=settings)
         STATUS.write(kube.apply_status, key, status, body.get("status"))
     warn_on_transition(body, previous, status)

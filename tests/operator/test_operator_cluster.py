@@ -596,13 +596,16 @@ def test_engine_ray_status_follows_every_rayservice_state(
         return wait_for(lambda: (c := conditions(get_isvc(kube, namespace, "ray-states")).get(condition))
                         and (c["status"], c["reason"]) == (state, reason) and c, 60, f"{condition}={state} {reason}")
 
+    # (Moves between two ordinary steps on the way, RayInitializing and ServeDeploying, are written lazily by
+    # design: each state below is news after the one before it.)
     reaches(ray_status(generation, ("False", "Initializing"), "DEPLOYING"), "Ready", "False", "RayInitializing")
     failed = reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "DEPLOY_FAILED",
                                 "ImportError: no module named handlers"), "Ready", "False", "ServeDeployFailed")
     assert "no module named handlers" in failed["message"]
-    reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "DEPLOYING"), "Ready", "False", "ServeDeploying")
     reaches(ray_status(generation - 1, ("True", "NonZeroServeEndpoints"), "RUNNING"), "Ready", "False",
             "RayInitializing")  # KubeRay has not seen this generation: its Ready is about the last one
+    reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "RUNNING"), "Ready", "True", "Serving")
+    reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "DEPLOYING"), "Ready", "False", "ServeDeploying")
     reaches(ray_status(generation, ("True", "NonZeroServeEndpoints"), "RUNNING"), "Ready", "True", "Serving")
     body = get_isvc(kube, namespace, "ray-states")
     assert body["status"]["url"] == f"http://ray-states-serve-svc.{namespace}.svc.cluster.local:8000"
