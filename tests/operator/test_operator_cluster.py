@@ -627,3 +627,48 @@ def test_engine_ray_status_follows_every_rayservice_state(
     result = kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", check=False,
                           input=json.dumps(ray_body("r" * 48)))
     assert result.returncode != 0 and "at most 47 characters" in result.stderr, result.stderr
+
+
+@pytest.fixture
+def kuberay(kube: Kube) -> Iterator[None]:
+    """KubeRay v1.5.0's operator, built from its Go module (hack/kuberay.sh, cached), beside the cluster."""
+    state = str(kube.kubeconfig.parent)
+    result = subprocess.run([str(ROOT / "hack" / "kuberay.sh"), "up", state], capture_output=True, text=True,
+                            timeout=1800, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"hack/kuberay.sh up exited {result.returncode}:\n{result.stderr[-4000:]}", pytrace=False)
+    yield
+    subprocess.run([str(ROOT / "hack" / "kuberay.sh"), "down", state], capture_output=True, text=True, timeout=120,
+                   check=False)
+
+
+def test_kuberay_puts_the_gpu_worker_pods_on_gpu_nodes_with_their_limits(
+    kube: Kube, namespace: str, running: Operator, kuberay: None, wait_for: Wait
+) -> None:
+    body = example("ray-gpu.yaml", rename="ray-kwok")
+    body["spec"]["resources"] = {"gpus": 2, "cpu": "2", "memory": "4Gi"}
+    body["spec"]["ray"]["head"] = {"cpu": "500m", "memory": "1Gi"}
+    body["spec"]["runtime"]["image"] = "localhost/forkless-ray:test"
+    del body["spec"]["autoscaling"]
+    kube.apply(body, namespace=namespace)
+
+    def pods() -> list[dict[str, Any]] | None:
+        found = kube.json("get", "pods", "-n", namespace, "-l", "ray.io/node-type")["items"]
+        return found if len(found) == 3 and all(p["spec"].get("nodeName") for p in found) else None
+
+    found = wait_for(pods, 120, "KubeRay's head and 2 GPU worker pods, scheduled")
+    nodes = {n["metadata"]["name"]: n for n in kube.json("get", "nodes")["items"]}
+    workers = [p for p in found if p["metadata"]["labels"]["ray.io/node-type"] == "worker"]
+    (head,) = [p for p in found if p["metadata"]["labels"]["ray.io/node-type"] == "head"]
+    assert len(workers) == 2
+    for pod in workers:
+        container = pod["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert nodes[pod["spec"]["nodeName"]]["status"]["capacity"].get("nvidia.com/gpu"), pod["spec"]["nodeName"]
+        assert "--num-gpus=1" in " ".join(container.get("args") or [])
+        assert pod["spec"]["initContainers"][0]["name"] == "download-model"  # the model's download, as in a Deployment
+    assert not nodes[head["spec"]["nodeName"]]["status"]["capacity"].get("nvidia.com/gpu")
+    assert "nvidia.com/gpu" not in json.dumps(head["spec"]["containers"][0]["resources"])
+    # No dashboard answers on kwok, so the Serve app never deploys: Ready stays False, saying why.
+    condition = stays(lambda: ready(kube, namespace, "ray-kwok"), seconds=3)
+    assert condition["status"] == "False" and condition["reason"] == "RayInitializing", condition
