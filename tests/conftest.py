@@ -72,7 +72,7 @@ IMAGES_SH = REPO / "hack" / "images.sh"
 CHART = REPO / "charts" / "forkless"
 HELM = REPO / ".tools" / "bin" / "helm"
 KUBECTL = REPO / ".tools" / "bin" / "kubectl"
-REAL_NODE_IMAGES = ("runtime", "operator")
+REAL_NODE_IMAGES = ("runtime", "operator", "ray")
 REAL_NODE_LABEL = "forkless.dev/real-node"
 TEST_CLUSTER_DIR = REPO / ".cluster-test"
 

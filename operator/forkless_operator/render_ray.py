@@ -156,11 +156,30 @@ def _head_group(isvc: InferenceService, settings: Settings, image: str) -> dict[
     pod: dict[str, Any] = {"containers": [container], "enableServiceLinks": False}
     if isvc.spec.service_account_name:
         pod["serviceAccountName"] = isvc.spec.service_account_name
+    _schedule(pod, isvc, settings, gpu=False)
     return {
         # No replica on the head: it holds no GPU, and losing it loses the cluster anyway.
         "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {"metadata": {"labels": labels(isvc)}, "spec": pod},
     }
+
+
+def _schedule(pod: dict[str, Any], isvc: InferenceService, settings: Settings, *, gpu: bool) -> None:
+    """spec.scheduling on a Ray pod: the head follows it too (it must run where the cluster's pods can
+    reach it), without the GPU taint's toleration, as it holds no GPU."""
+    pod_tolerations = tolerations(isvc, settings)
+    if not gpu:
+        pod_tolerations = [t for t in pod_tolerations
+                           if t != {"key": settings.gpu_taint_key, "operator": "Exists", "effect": "NoSchedule"}]
+    if pod_tolerations:
+        pod["tolerations"] = pod_tolerations
+    scheduling = isvc.spec.scheduling
+    if scheduling is not None:
+        for key, value in (("nodeSelector", scheduling.node_selector), ("affinity", scheduling.affinity),
+                           ("priorityClassName", scheduling.priority_class_name),
+                           ("topologySpreadConstraints", scheduling.topology_spread_constraints)):
+            if value:
+                pod[key] = value
 
 
 def _worker_resources(isvc: InferenceService, settings: Settings) -> dict[str, Any]:
@@ -215,16 +234,7 @@ def _worker_group(isvc: InferenceService, settings: Settings, image: str,
                                   "securityContext": _container_security_context()}]
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
-    pod_tolerations = tolerations(isvc, settings)
-    if pod_tolerations:
-        pod["tolerations"] = pod_tolerations
-    if spec.scheduling is not None:
-        scheduling = spec.scheduling
-        for key, value in (("nodeSelector", scheduling.node_selector), ("affinity", scheduling.affinity),
-                           ("priorityClassName", scheduling.priority_class_name),
-                           ("topologySpreadConstraints", scheduling.topology_spread_constraints)):
-            if value:
-                pod[key] = value
+    _schedule(pod, isvc, settings, gpu=True)
     per_unit = pods_per_unit(isvc)
     if spec.autoscaling is not None:
         least, most = spec.autoscaling.min_replicas * per_unit, spec.autoscaling.max_replicas * per_unit

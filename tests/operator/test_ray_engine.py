@@ -223,3 +223,14 @@ def spec_applied() -> Any:
     from forkless_operator.status import APPLIED
 
     return APPLIED
+
+
+def test_the_head_follows_scheduling_without_the_gpu_toleration() -> None:
+    scheduling = {"nodeSelector": {"pool": "inference"}, "tolerations": [{"key": "pool", "operator": "Exists"}]}
+    rayservice = render_ray_service(isvc(resources={"gpus": 1}, scheduling=scheduling), SETTINGS)
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    worker = worker_group(rayservice)["template"]["spec"]
+    assert head["nodeSelector"] == worker["nodeSelector"] == {"pool": "inference"}
+    assert head["tolerations"] == [{"key": "pool", "operator": "Exists"}]
+    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                     {"key": "pool", "operator": "Exists"}]
