@@ -27,6 +27,10 @@ local DEGRADED_REASONS = {
   CrashLoopBackOff = true,
   -- the Deployment gave up on its rollout
   ProgressDeadlineExceeded = true,
+  -- engine ray: Serve could not deploy the model, KubeRay gave up on the cluster, or is not installed
+  ServeDeployFailed = true,
+  RayInitializingTimeout = true,
+  KubeRayNotInstalled = true,
 }
 
 local health = {status = "Progressing", message = "Waiting for the operator to report the Ready condition"}

@@ -137,3 +137,26 @@ def test_argocd_cm_snippet_carries_the_script_verbatim() -> None:
     key = "resource.customizations.health.serving.forkless.dev_InferenceService"
     assert config_map["data"][key] == SCRIPT
 
+
+
+def test_engine_ray_statuses_read_the_same_way() -> None:
+    """The operator's Ready for engine ray (status_ray) needs no other check: Serving is Healthy, a Ray
+    cluster on its way is Progressing, a Serve deploy that failed is Degraded."""
+    body = yaml.safe_load((REPO / "examples" / "ray-cpu.yaml").read_text())
+    body["metadata"].update(namespace="ml", uid="0f3c1c52-5a3b-4f6e-9a43-0c1d2b3a4e5f", generation=1)
+    isvc = InferenceService.model_validate({"metadata": body["metadata"], "spec": body["spec"]})
+
+    def rayservice(app: str, ready: str = "True") -> dict[str, Any]:
+        return {"metadata": {"generation": 1}, "status": {
+            "observedGeneration": 1, "numServeEndpoints": 1,
+            "conditions": [{"type": "Ready", "status": ready, "reason": "NonZeroServeEndpoints"}],
+            "activeServiceStatus": {"applicationStatuses": {"mlp": {"status": app, "message": "ImportError: x"}}}}}
+
+    def state(rs: dict[str, Any] | None) -> tuple[str, str]:
+        status = compute_status(isvc, rs, [], 1, reconciled=APPLIED, settings=Settings(), now=NOW)
+        return health({**body, "status": status})
+
+    assert state(rayservice("RUNNING"))[0] == "Healthy"
+    assert state(None)[0] == "Progressing" and state(rayservice("DEPLOYING"))[0] == "Progressing"
+    failed = state(rayservice("DEPLOY_FAILED"))
+    assert failed[0] == "Degraded" and failed[1].startswith("ServeDeployFailed: ") and "ImportError" in failed[1]
