@@ -108,10 +108,12 @@ stop_recorded() {
 	[[ -s $file ]] || rm -f "$file"
 }
 
-# The real node first (its pods need the API server to go), then the control plane: kwok and
-# the controllers before the apiserver, the apiserver before etcd.
+# The real node first (its pods need the API server to go), then its cluster DNS (hack/coredns.sh,
+# which real_node_up starts; it watches the API server), then the control plane: kwok and the
+# controllers before the apiserver, the apiserver before etcd.
 stop_all() {
 	real_node_stop
+	"$root/hack/coredns.sh" down "$state" || host_dirty=1
 	stop_recorded "$state/pids"
 	real_node_cleanup || host_dirty=1
 }
@@ -279,6 +281,7 @@ is_running() {
 			count=$((count + 1))
 		done < <(records "$(node_state)/pids")
 		((count == 3)) || return 1
+		"$root/hack/coredns.sh" status "$state" >/dev/null || return 1
 	fi
 	# shellcheck source=/dev/null
 	source "$state/ports"
@@ -299,6 +302,9 @@ up() {
 	fi
 
 	"$root/hack/tools.sh"
+	if real_node_wanted; then
+		"$root/hack/coredns.sh" build
+	fi
 	started_at=$EPOCHREALTIME
 
 	mkdir -p "$state/logs"
@@ -462,6 +468,7 @@ status() {
 			printf '  %-24s pid %-8s EXITED   (see %s)\n' "$name" "$pid" "$state/logs/$name.log" >&2
 		fi
 	done < <(records; records "$(node_state)/pids")
+	[[ -f $state/coredns/pids ]] && printf '  %s\n' "$("$root/hack/coredns.sh" status "$state")" >&2
 	if is_running; then
 		say "running in $state"
 		kubectl get nodes -L nvidia.com/gpu.product -L nvidia.com/gpu.count -L "$real_node_label" >&2

@@ -4,7 +4,8 @@
 #
 # One node that really runs containers, next to kwok's simulated ones: containerd 1.6 + runc
 # (Debian), kubelet and kube-proxy v1.36.3 built from Go modules by hack/tools.sh, a CNI
-# bridge, and a pause image compiled from the kubernetes module's pause.c (hack/images.sh).
+# bridge, a pause image compiled from the kubernetes module's pause.c (hack/images.sh), and
+# cluster DNS: CoreDNS on the node's address (hack/coredns.sh), the kubelet's clusterDNS.
 # It is labelled and tainted forkless.dev/real-node=true, so that only pods that ask for it
 # (a nodeSelector and a toleration: the demo, the real-pod tests, the chart's local values)
 # land there, and GPU pods and the simulated-pod tests stay on kwok's nodes.
@@ -140,6 +141,10 @@ authentication:
 authorization: {mode: Webhook}
 podLogsDir: $dir/pod-logs
 resolvConf: /etc/resolv.conf
+# CoreDNS (hack/coredns.sh) on this address: ClusterFirst pods get it as their nameserver, with
+# <ns>.svc.cluster.local, svc.cluster.local and cluster.local searched first.
+clusterDNS: [$ip]
+clusterDomain: cluster.local
 serializeImagePulls: false
 # Images are built and imported here, never pulled: a collected image would not come back.
 imageGCHighThresholdPercent: 100
@@ -198,6 +203,8 @@ real_node_up() {
 	wait_until containerd "containerd ready" containerd_ready
 	FORKLESS_CLUSTER_DIR=$state "$root/hack/images.sh" all pause ||
 		fail containerd "the pause image could not be built or imported"
+	# Before the kubelet, so that no pod starts without the nameserver its resolv.conf names.
+	"$root/hack/coredns.sh" up "$state" || fail coredns "CoreDNS did not start (its log is above)"
 
 	launch kubelet "$bin/kubelet" --config="$dir/kubelet.yaml" --kubeconfig="$dir/kubelet.kubeconfig" \
 		--root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" \

@@ -50,6 +50,7 @@ marked ``@pytest.mark.cluster``, and a deadline-based polling helper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -269,6 +270,29 @@ class RealNode:
             "nodeSelector": {REAL_NODE_LABEL: "true"},
             "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
         }
+
+
+@contextlib.contextmanager
+def beside_the_cluster(kube: Kube, script: str) -> Iterator[None]:
+    """``hack/<script> up`` for the cluster's state (KEDA, KubeRay: operators built from their Go modules and
+    run as processes beside the control plane), ``down`` at the end."""
+    command, state = str(REPO / "hack" / script), str(kube.kubeconfig.parent)
+    result = subprocess.run([command, "up", state], capture_output=True, text=True, timeout=3600, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"hack/{script} up exited {result.returncode}:\n{result.stderr[-4000:]}", pytrace=False)
+    try:
+        yield
+    finally:
+        subprocess.run([command, "down", state], capture_output=True, text=True, timeout=120, check=False)
+
+
+def pinned_module_crds(script: str, variable: str, module: str) -> Path:
+    """The CRDs of ``module`` at the version ``hack/<script>`` pins in ``variable=`` (as it runs it)."""
+    version = next(line.split("=", 1)[1] for line in (REPO / "hack" / script).read_text().splitlines()
+                   if line.startswith(f"{variable}="))
+    found = subprocess.run(["go", "mod", "download", "-json", f"{module}@{version}"],
+                           capture_output=True, text=True, check=True, timeout=300)
+    return Path(json.loads(found.stdout)["Dir"]) / "config" / "crd" / "bases"
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ from forkless_operator.spec import InferenceService
 from forkless_operator.status_cache import DEFER_S
 from test_operator_spec import INVALID_EXAMPLES  # tests/operator is on sys.path (rootdir-less test dirs)
 
+from tests.conftest import beside_the_cluster, pinned_module_crds
+
 if TYPE_CHECKING:
     from tests.conftest import Kube
 
@@ -455,11 +457,7 @@ KEDA_CRD = "scaledobjects.keda.sh"
 
 def keda_crds() -> Path:
     """KEDA's CRDs as its pinned module ships them (the version hack/keda.sh runs)."""
-    version = next(line.split("=", 1)[1] for line in (ROOT / "hack" / "keda.sh").read_text().splitlines()
-                   if line.startswith("keda_version="))
-    found = subprocess.run(["go", "mod", "download", "-json", f"github.com/kedacore/keda/v2@{version}"],
-                           capture_output=True, text=True, check=True, timeout=300)
-    return Path(json.loads(found.stdout)["Dir"]) / "config" / "crd" / "bases"
+    return pinned_module_crds("keda.sh", "keda_version", "github.com/kedacore/keda/v2")
 
 
 def test_without_keda_class_keda_says_so_and_with_it_every_autoscaler_is_accepted(
@@ -506,11 +504,7 @@ RAY_CRD = "rayservices.ray.io"
 
 def kuberay_crds() -> Path:
     """KubeRay's CRDs as its pinned module ships them (the version hack/kuberay.sh runs)."""
-    version = next(line.split("=", 1)[1] for line in (ROOT / "hack" / "kuberay.sh").read_text().splitlines()
-                   if line.startswith("kuberay_version="))
-    found = subprocess.run(["go", "mod", "download", "-json", f"github.com/ray-project/kuberay/ray-operator@{version}"],
-                           capture_output=True, text=True, check=True, timeout=300)
-    return Path(json.loads(found.stdout)["Dir"]) / "config" / "crd" / "bases"
+    return pinned_module_crds("kuberay.sh", "kuberay_version", "github.com/ray-project/kuberay/ray-operator")
 
 
 def install_kuberay_crds(kube: Kube) -> None:
@@ -632,14 +626,8 @@ def test_engine_ray_status_follows_every_rayservice_state(
 @pytest.fixture
 def kuberay(kube: Kube) -> Iterator[None]:
     """KubeRay v1.5.0's operator, built from its Go module (hack/kuberay.sh, cached), beside the cluster."""
-    state = str(kube.kubeconfig.parent)
-    result = subprocess.run([str(ROOT / "hack" / "kuberay.sh"), "up", state], capture_output=True, text=True,
-                            timeout=1800, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"hack/kuberay.sh up exited {result.returncode}:\n{result.stderr[-4000:]}", pytrace=False)
-    yield
-    subprocess.run([str(ROOT / "hack" / "kuberay.sh"), "down", state], capture_output=True, text=True, timeout=120,
-                   check=False)
+    with beside_the_cluster(kube, "kuberay.sh"):
+        yield
 
 
 def test_kuberay_puts_the_gpu_worker_pods_on_gpu_nodes_with_their_limits(

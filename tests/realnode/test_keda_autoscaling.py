@@ -13,7 +13,6 @@ report (FORKLESS_SHOW_TIMELINE=1 keeps it in the output).
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, Helm, Kube, RealNode, wait_for
+from tests.conftest import REPO, Helm, Kube, RealNode, beside_the_cluster, wait_for
 from tests.realnode.conftest import install_operator, service_url
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -39,14 +38,8 @@ SCALE_UP_WITHIN_S = 60
 
 @pytest.fixture(scope="module")
 def keda(kube: Kube, real_node: RealNode) -> Iterator[None]:
-    state = str(kube.kubeconfig.parent)
-    result = subprocess.run([str(REPO / "hack" / "keda.sh"), "up", state], capture_output=True, text=True,
-                            timeout=3600, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"hack/keda.sh up exited {result.returncode}:\n{result.stderr[-4000:]}", pytrace=False)
-    yield
-    subprocess.run([str(REPO / "hack" / "keda.sh"), "down", state], capture_output=True, text=True, timeout=120,
-                   check=False)
+    with beside_the_cluster(kube, "keda.sh"):
+        yield
 
 
 @dataclass

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, Helm, Kube, RealNode, wait_for
+from tests.conftest import REPO, Helm, Kube, RealNode, beside_the_cluster, wait_for
 from tests.realnode.conftest import install_operator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -67,14 +67,8 @@ def sample(kube: Kube, namespace: str) -> tuple[str, str, str, str]:
 
 @pytest.fixture(scope="module")
 def kuberay(kube: Kube, real_node: RealNode) -> Iterator[None]:
-    state = str(kube.kubeconfig.parent)
-    result = subprocess.run([str(REPO / "hack" / "kuberay.sh"), "up", state], capture_output=True, text=True,
-                            timeout=1800, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"hack/kuberay.sh up exited {result.returncode}:\n{result.stderr[-4000:]}", pytrace=False)
-    yield
-    subprocess.run([str(REPO / "hack" / "kuberay.sh"), "down", state], capture_output=True, text=True, timeout=120,
-                   check=False)
+    with beside_the_cluster(kube, "kuberay.sh"):
+        yield
 
 
 @pytest.fixture(scope="module")
