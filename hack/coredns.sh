@@ -133,7 +133,7 @@ up() {
 	users=$(port_53_users "$ip")
 	if [[ -n $users ]]; then
 		say "FAILED: port 53 of $ip is taken:"
-		printf '  %s\n' "$users" >&2
+		sed 's/^/  /' <<<"$users" >&2
 		return 1
 	fi
 	health_port=$(free_port)

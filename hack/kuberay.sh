@@ -11,14 +11,11 @@
 # The module is github.com/ray-project/kuberay/ray-operator at $kuberay_version (facts and line
 # references: docs/notes-kuberay-facts.md). It is built in a writable copy: the module cache is
 # read-only, and `-mod=mod` may have to write go.sum.
-# The local cluster has no cluster DNS, which KubeRay assumes twice:
-# - the operator reaches a head's dashboard (:8265, the Serve REST API) at
-#   <cluster>-head-svc.<ns>.svc.cluster.local; with -use-kubernetes-proxy it goes through the API
-#   server's services/proxy instead (and pods/proxy for the Serve proxies' /-/healthz). The API
-#   server then dials the pod IP: the real node's pods answer, kwok's pods have no one behind theirs.
-# - every worker gets an init container that polls `ray health-check --address <that name>:6379`
-#   and never gives up; ENABLE_INIT_CONTAINER_INJECTION=false leaves it out, so that a worker
-#   whose rayStartParams.address names the head by IP can start.
+# The operator runs on the host, which does not resolve cluster names (the real node's pods do, through
+# hack/coredns.sh): it reaches a head's dashboard (:8265, the Serve REST API) and the Serve proxies'
+# /-/healthz through the API server's services/proxy and pods/proxy (-use-kubernetes-proxy) instead of
+# <cluster>-head-svc.<ns>.svc.cluster.local. The API server then dials the pod IP: the real node's pods
+# answer, kwok's pods have no one behind theirs. Workers find their head by that name, as anywhere.
 # The CRDs go in by server-side apply: each is over 256 KiB as JSON, more than the annotation that
 # client-side apply would write may hold.
 set -euo pipefail
@@ -122,7 +119,7 @@ up() {
 	port=$(free_port)
 	echo "health_port=$port" >"$state/kuberay/ports"
 	# No metrics server (-metrics-addr=0): nothing scrapes it here, and its default :8080 is taken.
-	setsid env ENABLE_INIT_CONTAINER_INJECTION=false "$operator" -kubeconfig="$state/kubeconfig" \
+	setsid "$operator" -kubeconfig="$state/kubeconfig" \
 		-use-kubernetes-proxy -enable-leader-election=false -metrics-addr=0 \
 		-health-probe-bind-address="127.0.0.1:$port" -log-stdout-encoder=console \
 		>"$state/kuberay/kuberay-operator.log" 2>&1 </dev/null &

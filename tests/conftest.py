@@ -188,6 +188,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     steps = [[str(TOOLS_SH)]]
     if any(item.get_closest_marker("realnode") for item in items):
+        steps.append([str(REPO / "hack" / "coredns.sh"), "build"])  # the real node's cluster DNS
         steps.append([str(IMAGES_SH), "build", *REAL_NODE_IMAGES])
     capture = config.pluginmanager.getplugin("capturemanager")
     for command in steps:
