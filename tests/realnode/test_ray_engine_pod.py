@@ -111,9 +111,11 @@ def deployed(kube: Kube, real_node: RealNode, helm: Helm, kuberay: None,
                 watched.stop.wait(0.5)
 
         watcher = threading.Thread(target=watch, daemon=True)
+        applied = time.monotonic()
         watcher.start()
         wait_for(lambda: watched.samples and watched.samples[-1][0] == "True", READY_TIMEOUT_S,
                  f"InferenceService {namespace}/{NAME} Ready")
+        print(f"engine ray: applied to Ready in {time.monotonic() - applied:.1f} s")
         watched.stop.set()
         watcher.join()
         service = kube.json("get", "service", f"{NAME}-serve-svc", "-n", namespace)
