@@ -101,6 +101,7 @@ def main() -> int:
         results["forkless"] = forkless(tmp, body, args)
         for ingress in args.ingress:
             say(f"Ray Serve (engine ray, {ingress}): 2 replicas ...")
+            (tmp / ingress).mkdir()
             results[f"ray-{ingress}"] = ray(tmp / ingress, body, ingress, args)
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
               "cpus": __import__("os").cpu_count(), "settings": vars(args), "results": results}
