@@ -543,6 +543,13 @@ QUANTITY_SCHEMA: JsonDict = {
 }
 
 
+def checked_quantity(value: Any) -> Any:
+    """A Quantity as the API server's pattern accepts it, else a ValueError saying what one looks like."""
+    if isinstance(value, str) and not _matches(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a quantity, e.g. 4, 500m or 16Gi")
+    return value
+
+
 class ResourcesSpec(_Model):
     """Compute resources of each replica."""
 
@@ -577,9 +584,7 @@ class ResourcesSpec(_Model):
     @field_validator("cpu", "memory", "shared_memory")
     @classmethod
     def _quantity(cls, value: str | int | None) -> str | int | None:
-        if isinstance(value, str) and not _matches(QUANTITY_PATTERN, value):
-            raise ValueError(f"{value!r} is not a quantity, e.g. 4, 500m or 16Gi")
-        return value
+        return checked_quantity(value)
 
 
 MIN_MAX_REPLICAS_RULE = Rule(
@@ -942,9 +947,7 @@ class RayHead(_Model):
     @field_validator("cpu", "memory")
     @classmethod
     def _quantity(cls, value: str | int) -> str | int:
-        if isinstance(value, str) and not _matches(QUANTITY_PATTERN, value):
-            raise ValueError(f"{value!r} is not a quantity, e.g. 2 or 4Gi")
-        return value
+        return checked_quantity(value)
 
 
 class RaySpec(_Model):
