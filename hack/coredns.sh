@@ -30,6 +30,9 @@ coredns=$cache/coredns
 
 say() { printf '[coredns %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+component=coredns
+# shellcheck source=lib/beside.sh
+source "$root/hack/lib/beside.sh"
 
 build() {
 	[[ -x $coredns ]] && return
@@ -49,55 +52,12 @@ build() {
 	say "built coredns $coredns_version in $(fmt_duration $((SECONDS - started)))"
 }
 
-state_dir() {
-	local dir=${1:-$root/.cluster}
-	[[ $dir == /* ]] || dir=$PWD/$dir
-	echo "$dir"
-}
-
-# A recorded pid counts as ours only while its command line names this state directory (its -conf
-# does): a pid reused by another process is neither reported nor killed.
-ours() { [[ -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$state/"; }
-
-running() {
-	[[ -f $state/coredns/pids ]] || return 1
-	local _ pid
-	while read -r _ pid; do ours "$pid" || return 1; done <"$state/coredns/pids"
-}
-
-# A port below the kernel's ephemeral range that nothing listens on (as hack/cluster.sh picks them).
-free_port() {
-	local used port
-	used=" $(ss -Htan | awk '{ n = split($4, a, ":"); printf "%s ", a[n] }') $* "
-	while port=$((20000 + RANDOM % 12000)); [[ $used == *" $port "* ]]; do :; done
-	echo "$port"
-}
-
 # What listens on port 53 of IP or of every address, over UDP or TCP (empty when it is free).
 port_53_users() {
 	local ip=$1
 	{ ss -Hlunp; ss -Hltnp; } | awk -v ip="$ip" '{
 		n = split($4, a, ":"); host = substr($4, 1, length($4) - length(a[n]) - 1)
 	} a[n] == 53 && (host == ip || host == "0.0.0.0" || host == "*" || host == "[::]")'
-}
-
-wait_for() {
-	local what=$1 seconds=$2
-	shift 2
-	local deadline=$((SECONDS + seconds))
-	until "$@" >/dev/null 2>&1; do
-		if ! running; then
-			say "FAILED: coredns exited before $what; last lines of the log:"
-		elif ((SECONDS >= deadline)); then
-			say "FAILED: no $what after ${seconds}s; last lines of the log:"
-		else
-			sleep 0.2
-			continue
-		fi
-		tail -n 20 "$state/coredns/coredns.log" >&2 || true
-		return 1
-	done
-	say "$what"
 }
 
 corefile() {
@@ -145,23 +105,11 @@ up() {
 	setsid "$coredns" -conf "$state/coredns/Corefile" >"$state/coredns/coredns.log" 2>&1 </dev/null &
 	echo "coredns $!" >"$state/coredns/pids"
 	# /ready answers 200 once the kubernetes plugin has listed the Services and EndpointSlices.
-	wait_for "CoreDNS serving cluster.local on $ip:53 (ready, in sync with the API server)" 60 \
+	wait_for "CoreDNS serving cluster.local on $ip:53 (ready, in sync with the API server)" 60 "$state/coredns/coredns.log" \
 		curl -sf "http://127.0.0.1:$ready_port/ready" || { down; return 1; }
 }
 
-down() {
-	[[ -f $state/coredns/pids ]] || return 0
-	local name pid
-	while read -r name pid; do
-		if ours "$pid"; then
-			kill "$pid" 2>/dev/null || true
-			for _ in $(seq 50); do ours "$pid" || break; sleep 0.1; done
-			ours "$pid" && kill -9 "$pid" 2>/dev/null || true
-			say "stopped $name"
-		fi
-	done <"$state/coredns/pids"
-	rm -f "$state/coredns/pids"
-}
+down() { stop_recorded; }
 
 status() {
 	if running; then

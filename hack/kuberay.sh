@@ -30,6 +30,9 @@ crds=(rayclusters rayjobs rayservices)
 
 say() { printf '[kuberay %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+component=kuberay
+# shellcheck source=lib/beside.sh
+source "$root/hack/lib/beside.sh"
 
 module_dir() { go mod download -json "$module@$kuberay_version" | jq -r .Dir; }
 
@@ -56,46 +59,7 @@ build() {
 	say "built kuberay-operator in $(fmt_duration $((SECONDS - started)))"
 }
 
-state_dir() {
-	local dir=${1:-$root/.cluster}
-	[[ $dir == /* ]] || dir=$PWD/$dir
-	echo "$dir"
-}
-
 kubectl() { "$root/.tools/bin/kubectl" --kubeconfig "$state/kubeconfig" "$@"; }
-
-# A recorded pid counts as ours only while its command line names this state directory (the
-# operator's -kubeconfig does): a pid reused by another process is neither reported nor killed.
-ours() { [[ -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$state/"; }
-
-running() {
-	[[ -f $state/kuberay/pids ]] || return 1
-	local _ pid
-	while read -r _ pid; do ours "$pid" || return 1; done <"$state/kuberay/pids"
-}
-
-# A port below the kernel's ephemeral range that nothing listens on (as hack/cluster.sh picks them).
-free_port() {
-	local used port
-	used=" $(ss -Htan | awk '{ n = split($4, a, ":"); printf "%s ", a[n] }') "
-	while port=$((20000 + RANDOM % 12000)); [[ $used == *" $port "* ]]; do :; done
-	echo "$port"
-}
-
-wait_for() {
-	local what=$1 seconds=$2
-	shift 2
-	local deadline=$((SECONDS + seconds))
-	until "$@" >/dev/null 2>&1; do
-		if ((SECONDS >= deadline)); then
-			say "FAILED: no $what after ${seconds}s; last lines of the log:"
-			tail -n 20 "$state/kuberay/kuberay-operator.log" >&2 || true
-			return 1
-		fi
-		sleep 0.5
-	done
-	say "$what"
-}
 
 up() {
 	[[ -f $state/kubeconfig ]] || { say "no cluster in $state (hack/cluster.sh up starts one)"; return 1; }
@@ -114,7 +78,7 @@ up() {
 	done
 	for crd in "${crds[@]}"; do
 		# `wait` fails at once while the new CRD has no status yet: retried until it has one.
-		wait_for "CRD $crd.ray.io established" 60 kubectl wait --for=condition=Established --timeout=2s "crd/$crd.ray.io"
+		wait_for "CRD $crd.ray.io established" 60 "$state/kuberay/kuberay-operator.log" kubectl wait --for=condition=Established --timeout=2s "crd/$crd.ray.io"
 	done
 	port=$(free_port)
 	echo "health_port=$port" >"$state/kuberay/ports"
@@ -124,23 +88,11 @@ up() {
 		-health-probe-bind-address="127.0.0.1:$port" -log-stdout-encoder=console \
 		>"$state/kuberay/kuberay-operator.log" 2>&1 </dev/null &
 	echo "kuberay-operator $!" >"$state/kuberay/pids"
-	wait_for "kuberay-operator ready" 120 curl -sf "http://127.0.0.1:$port/readyz" || { down; return 1; }
+	wait_for "kuberay-operator ready" 120 "$state/kuberay/kuberay-operator.log" curl -sf "http://127.0.0.1:$port/readyz" || { down; return 1; }
 	say "KubeRay $kuberay_version runs for $state (log in $state/kuberay/)"
 }
 
-down() {
-	[[ -f $state/kuberay/pids ]] || return 0
-	local name pid
-	while read -r name pid; do
-		if ours "$pid"; then
-			kill "$pid" 2>/dev/null || true
-			for _ in $(seq 50); do ours "$pid" || break; sleep 0.1; done
-			ours "$pid" && kill -9 "$pid" 2>/dev/null || true
-			say "stopped $name"
-		fi
-	done <"$state/kuberay/pids"
-	rm -f "$state/kuberay/pids"
-}
+down() { stop_recorded; }
 
 command=${1:-status}
 state=$(state_dir "${2:-}")
