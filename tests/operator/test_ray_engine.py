@@ -16,7 +16,7 @@ from forkless_operator.reconcile import parse
 from forkless_operator.render import render_children
 from forkless_operator.render_ray import APP_IMPORT_PATH, render_ray_service, serve_config
 from forkless_operator.settings import Settings
-from forkless_operator.status import compute_status
+from forkless_operator.status import APPLIED, compute_status
 from forkless_operator.status_ray import ray_view
 from forkless_runtime.engines.ray import parse_settings
 from pydantic import ValidationError
@@ -209,7 +209,7 @@ def test_deploy_failure_carries_serves_message_and_degraded_and_upgrading_are_sa
 
 
 def test_compute_status_for_engine_ray_reports_the_serve_url_and_four_conditions() -> None:
-    status = compute_status(isvc(), rayservice(), [], 3, reconciled=spec_applied(), settings=SETTINGS,
+    status = compute_status(isvc(), rayservice(), [], 3, reconciled=APPLIED, settings=SETTINGS,
                             now="2026-11-26T00:00:00Z")
     conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
     assert conditions == {"Ready": ("True", "Serving"), "Reconciled": ("True", "Applied"),
@@ -217,12 +217,6 @@ def test_compute_status_for_engine_ray_reports_the_serve_url_and_four_conditions
     assert status["url"] == "http://mlp-serve-svc.ns.svc.cluster.local:8000"
     assert status["ray"]["activeCluster"] == "mlp-abcde" and status["ray"]["appStatus"] == "RUNNING"
     assert (status["replicas"], status["readyReplicas"], status["gpus"]) == (2, 1, 2)
-
-
-def spec_applied() -> Any:
-    from forkless_operator.status import APPLIED
-
-    return APPLIED
 
 
 def test_the_head_follows_scheduling_without_the_gpu_toleration() -> None:

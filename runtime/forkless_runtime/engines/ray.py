@@ -254,5 +254,4 @@ def build_app(args: dict[str, Any]) -> Any:
     return deployment(max_load_attempts=attempts).bind(settings)
 
 
-# Settings is re-exported for the operator's contract test, which checks the rendered args parse.
-__all__ = ["DEPLOYMENT_NAME", "REPLICA_SETTINGS", "ForklessModel", "Settings", "build_app", "parse_settings"]
+__all__ = ["DEPLOYMENT_NAME", "REPLICA_SETTINGS", "ForklessModel", "build_app", "parse_settings"]
