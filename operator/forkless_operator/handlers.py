@@ -15,6 +15,7 @@ changes nothing changes neither.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +31,7 @@ from forkless_operator.apply import Kube, get_kube, is_retryable
 from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
 from forkless_operator.drift import AppliedChildren
 from forkless_operator.memory import MemoryDiffBaseStorage, MemoryProgressStorage
+from forkless_operator.ray_services import RayServices
 from forkless_operator.reconcile import (
     KindNotServed,
     apply_children,
@@ -70,9 +72,11 @@ PROGRESS = MemoryProgressStorage()
 DIFFBASE = MemoryDiffBaseStorage()
 # The download credentials each InferenceService was last rendered with, for drift repair.
 CREDENTIALS: dict[Key, StorageCredentials] = {}
-# The RayService of each engine ray InferenceService as its last event showed it (what the Deployment
-# index is for engine deployment; a plain map because KubeRay may not be installed at all).
-RAY_SERVICES: dict[Key, dict[str, Any]] = {}
+# The RayService of each engine ray InferenceService as last seen (what the Deployment index is for
+# engine deployment; not a kopf index because KubeRay may not be installed at all).
+RAY_SERVICES = RayServices()
+# How often an engine ray InferenceService's RayService is read directly (follow_ray_service).
+RAY_RESYNC_S = 15.0
 
 
 def _workload(key: Key, isvc_body: Mapping[str, Any], deployment_index: Index) -> dict[str, Any] | None:
@@ -335,10 +339,9 @@ def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespac
             refresh_status(key, isvc_body, deployment, pod_index.get(key, []))
         elif kind == kinds.RAY_SERVICE.kind:
             if event_type == "DELETED":
-                RAY_SERVICES.pop(key, None)
+                RAY_SERVICES.forget(key)
             else:
-                RAY_SERVICES[key] = {"metadata": {"generation": body.metadata.get("generation")},
-                                     "status": dict(body.status)}
+                RAY_SERVICES.remember(key, body)
             refresh_status(key, isvc_body, RAY_SERVICES.get(key), pod_index.get(key, []))
     except (ApiException, HTTPError, ValidationError) as error:
         metrics.REGISTRY.error("ChildEvent")
@@ -356,6 +359,38 @@ def _watch_child(child: kinds.Kind) -> None:
 
 for _kind in kinds.CHILD_KINDS:
     _watch_child(_kind)
+
+
+def resync_ray_service(key: Key, isvc_index: Index, pod_index: Index, logger: Logger) -> None:
+    """Read an engine ray InferenceService's RayService directly; refresh the status if it is news.
+
+    kopf starts watching a kind when a CRD event finds it in discovery. KubeRay's CRDs installed
+    while the operator runs are Established before discovery lists them, often enough that kopf
+    never watches RayServices until a restart, and Ready would stay at RayInitializing. One GET per
+    Ray InferenceService per RAY_RESYNC_S keeps the status true either way; it writes only news.
+    """
+    isvc_body = _first(isvc_index, key)
+    if isvc_body is None:
+        return
+    try:
+        rayservice = get_kube().get(kinds.RAY_SERVICE.api_version, kinds.RAY_SERVICE.kind, *key)
+        if rayservice is not None and RAY_SERVICES.remember(key, rayservice):
+            refresh_status(key, isvc_body, RAY_SERVICES.get(key), pod_index.get(key, []))
+    except (ApiException, HTTPError) as error:
+        metrics.REGISTRY.error("RayResync")
+        logger.warning("cannot read the RayService of %s/%s: %s", *key, error)
+
+
+@kopf.daemon(*ISVC, when=lambda spec, **_: spec.get("engine") == "ray", cancellation_timeout=5)
+async def follow_ray_service(namespace: str | None, name: str, stopped: kopf.DaemonStopped, logger: Logger,
+                             **kwargs: Any) -> None:
+    """resync_ray_service every RAY_RESYNC_S while the InferenceService is engine ray.
+
+    A daemon rather than a timer: kopf logs every timer run at INFO, which says nothing here.
+    """
+    key = (namespace or "", name)
+    while not await stopped.wait(RAY_RESYNC_S):
+        await asyncio.to_thread(resync_ray_service, key, kwargs["isvc_index"], kwargs["pod_index"], logger)
 
 
 @kopf.on.event(*PODS, labels=OWNED)
@@ -387,6 +422,6 @@ async def forget_deleted(type: str | None, namespace: str | None, name: str, bod
         STATUS.forget(key)
         APPLIED_CHILDREN.forget(key)
         CREDENTIALS.pop(key, None)
-        RAY_SERVICES.pop(key, None)
+        RAY_SERVICES.forget(key)
         PROGRESS.forget(str(body.metadata.get("uid", "")))
         DIFFBASE.forget(str(body.metadata.get("uid", "")))

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from forkless_operator import spec
+from forkless_operator.ray_services import RayServices
 from forkless_operator.reconcile import parse
 from forkless_operator.render import render_children
 from forkless_operator.render_ray import APP_IMPORT_PATH, render_ray_service, serve_config
@@ -228,3 +229,19 @@ def test_the_head_follows_scheduling_without_the_gpu_toleration() -> None:
     assert head["tolerations"] == [{"key": "pool", "operator": "Exists"}]
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
                                      {"key": "pool", "operator": "Exists"}]
+
+
+def test_the_rayservice_store_keeps_the_newest_whichever_source_comes_last() -> None:
+    store = RayServices()
+    key = ("ns", "mlp")
+
+    def seen(version: str, app: str) -> dict[str, Any]:
+        return {"metadata": {"generation": 1, "resourceVersion": version}, "status": {"state": app}}
+
+    assert store.remember(key, seen("120", "DEPLOYING"))
+    assert not store.remember(key, seen("120", "DEPLOYING"))  # the same version again: no news
+    assert store.remember(key, seen("130", "RUNNING"))  # e.g. read directly by the timer
+    assert not store.remember(key, seen("125", "DEPLOY_FAILED"))  # an older event arriving late is not news
+    assert store.get(key) == {"metadata": {"generation": 1, "resourceVersion": "130"}, "status": {"state": "RUNNING"}}
+    store.forget(key)
+    assert store.get(key) is None and store.remember(key, seen("125", "DEPLOY_FAILED"))
