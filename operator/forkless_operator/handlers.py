@@ -290,10 +290,14 @@ def _owner(body: kopf.Body) -> str | None:
 def refresh_status(
     key: Key,
     isvc_body: Mapping[str, Any],
-    deployment: Mapping[str, Any] | None,
+    workload: Callable[[], Mapping[str, Any] | None],
     pods: Iterable[Mapping[str, Any]],
 ) -> None:
-    """Recompute the status from the children as they are now; write it only if it changed."""
+    """Recompute the status from the children as they are now; write it only if it changed.
+
+    ``workload`` (the Deployment or RayService) is read under the status lock: of two threads that
+    refresh one InferenceService, the one that writes last has read the newest view.
+    """
     try:
         isvc = parse(isvc_body)
     except ValidationError:
@@ -304,7 +308,7 @@ def refresh_status(
         if previous is None or previous.observed_generation is None:
             return  # not reconciled yet: reconcile writes the first status
         status = compute_status(
-            isvc, deployment, pods, previous.observed_generation,
+            isvc, workload(), pods, previous.observed_generation,
             problem=STATUS.problems.get(key), previous=previous, settings=get_settings(),
         )
         STATUS.write(get_kube().apply_status, key, status, stored)
@@ -335,14 +339,14 @@ def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespac
             apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False,
                            credentials=CREDENTIALS.get(key, NO_CREDENTIALS))
         if kind == kinds.DEPLOYMENT.kind:
-            deployment = None if event_type == "DELETED" else _first(deployment_index, key)
-            refresh_status(key, isvc_body, deployment, pod_index.get(key, []))
+            refresh_status(key, isvc_body, lambda: None if event_type == "DELETED" else _first(deployment_index, key),
+                           pod_index.get(key, []))
         elif kind == kinds.RAY_SERVICE.kind:
             if event_type == "DELETED":
                 RAY_SERVICES.forget(key)
             else:
                 RAY_SERVICES.remember(key, body)
-            refresh_status(key, isvc_body, RAY_SERVICES.get(key), pod_index.get(key, []))
+            refresh_status(key, isvc_body, lambda: RAY_SERVICES.get(key), pod_index.get(key, []))
     except (ApiException, HTTPError, ValidationError) as error:
         metrics.REGISTRY.error("ChildEvent")
         logger.warning("cannot handle the %s event of %s/%s: %s", kind, *key, error)
@@ -375,7 +379,7 @@ def resync_ray_service(key: Key, isvc_index: Index, pod_index: Index, logger: Lo
     try:
         rayservice = get_kube().get(kinds.RAY_SERVICE.api_version, kinds.RAY_SERVICE.kind, *key)
         if rayservice is not None and RAY_SERVICES.remember(key, rayservice):
-            refresh_status(key, isvc_body, RAY_SERVICES.get(key), pod_index.get(key, []))
+            refresh_status(key, isvc_body, lambda: RAY_SERVICES.get(key), pod_index.get(key, []))
     except (ApiException, HTTPError) as error:
         metrics.REGISTRY.error("RayResync")
         logger.warning("cannot read the RayService of %s/%s: %s", *key, error)
@@ -404,7 +408,7 @@ def pod_event(namespace: str | None, labels: Mapping[str, str], logger: Logger, 
     if isvc_body is None:
         return
     try:
-        refresh_status(key, isvc_body, _workload(key, isvc_body, deployment_index), pod_index.get(key, []))
+        refresh_status(key, isvc_body, lambda: _workload(key, isvc_body, deployment_index), pod_index.get(key, []))
     except (ApiException, HTTPError) as error:
         metrics.REGISTRY.error("PodEvent")
         logger.warning("cannot update the status of %s/%s: %s", *key, error)
