@@ -147,10 +147,21 @@ def test_ready_only_once_the_serve_application_runs(deployed: Deployed, kube: Ku
     assert body["status"]["ray"]["activeCluster"].startswith(NAME)
 
 
+def _answered(url: str, body: dict[str, Any]) -> httpx.Response | None:
+    """The answer, or None while the connection is refused."""
+    try:
+        return httpx.post(url, json=body, timeout=60)
+    except httpx.ConnectError:
+        return None
+
+
 def test_the_serve_service_answers_v2_and_v1_with_the_models_results(deployed: Deployed) -> None:
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
     body = {"inputs": [{"name": "x", "shape": [4, 16], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
-    answer = httpx.post(f"{deployed.url}/v2/models/mlp/infer", json=body, timeout=60)
+    # Ready follows KubeRay's, which counts the serve Service's endpoints; kube-proxy on the node can
+    # program them a moment later (CI saw one connection refused right after Ready): up to 60 s for that.
+    answer = wait_for(lambda: _answered(f"{deployed.url}/v2/models/mlp/infer", body), 60,
+                      "the serve Service accepting connections")
     assert answer.status_code == 200, answer.text
     (output,) = answer.json()["outputs"]
     assert output["name"] == "scores"
