@@ -240,7 +240,7 @@ def test_the_rayservice_store_keeps_the_newest_whichever_source_comes_last() -> 
 
     assert store.remember(key, seen("120", "DEPLOYING"))
     assert not store.remember(key, seen("120", "DEPLOYING"))  # the same version again: no news
-    assert store.remember(key, seen("130", "RUNNING"))  # e.g. read directly by the timer
+    assert store.remember(key, seen("130", "RUNNING"))  # e.g. read directly by handlers.follow_ray_service
     assert not store.remember(key, seen("125", "DEPLOY_FAILED"))  # an older event arriving late is not news
     assert store.get(key) == {"metadata": {"generation": 1, "resourceVersion": "130"}, "status": {"state": "RUNNING"}}
     store.forget(key)
