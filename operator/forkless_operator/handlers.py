@@ -3,8 +3,11 @@
 One level-based ``reconcile`` for create, update (of spec) and resume: parse,
 render, server-side apply, compute status, write it through /status. The
 children's watch events repair drift (a deleted or edited child is applied
-again) and keep the status current. The handlers are synchronous: kopf runs
-them in its thread pool, and the ``kubernetes`` client is synchronous too.
+again) and keep the status current. ``reconcile`` is synchronous: kopf runs it
+in its thread pool, and the ``kubernetes`` client is synchronous too. The
+indexes and the child and pod event handlers are async and only decide: what
+an event asks for (a repair, a status refresh) is queued once per
+InferenceService and done in threads of its own (forkless_operator.followups).
 
 Loops cannot happen: status writes do not touch ``spec``, and ``reconcile``
 reacts to ``spec`` alone; a child is re-applied only when it differs from what
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -30,6 +34,7 @@ from forkless_operator import kinds, metrics
 from forkless_operator.apply import Kube, get_kube, is_retryable
 from forkless_operator.credentials import NO_CREDENTIALS, StorageCredentials
 from forkless_operator.drift import AppliedChildren
+from forkless_operator.followups import FollowUps
 from forkless_operator.memory import MemoryDiffBaseStorage, MemoryProgressStorage
 from forkless_operator.ray_services import RayServices
 from forkless_operator.reconcile import (
@@ -63,6 +68,7 @@ PODS = kinds.PODS.resource
 Key = tuple[str, str]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Index = kopf.Index[Key, dict[str, Any]]
+log = logging.getLogger("forkless.operator")
 
 # What this process remembers: the last status written per InferenceService, what it applied per
 # child, and kopf's own bookkeeping (forkless_operator.memory).
@@ -150,19 +156,22 @@ def _metadata(body: kopf.Body) -> dict[str, Any]:
     return {key: body.metadata[key] for key in INDEXED_METADATA if key in body.metadata}
 
 
+# The index functions are async, and so are the pod and child event handlers: kopf runs them in its
+# event loop rather than queueing each event for a handler thread behind the reconciles, with the
+# event's parsed body held meanwhile (forkless_operator.followups).
 @kopf.index(*ISVC)
-def isvc_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def isvc_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", name): {"metadata": _metadata(body), "spec": dict(body.spec), "status": dict(body.status)}}
 
 
 @kopf.index(*kinds.DEPLOYMENT.resource, labels=OWNED)
-def deployment_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def deployment_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", name): {"metadata": _metadata(body), "spec": {"replicas": body.spec.get("replicas", 1)},
                                 "status": dict(body.status)}}
 
 
 @kopf.index(*PODS, labels=OWNED)
-def pod_index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def pod_index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     """Just what status computation reads of a pod, keyed by its InferenceService."""
     status = body.status
     return {
@@ -315,48 +324,96 @@ def refresh_status(
     warn_on_transition(isvc_body, previous, status)
 
 
-def _on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespace: str | None,
-                    kwargs: Mapping[str, Any]) -> None:
-    """An event of a child: re-apply it if someone else changed it; a Deployment's also refreshes status."""
-    isvc_index: Index = kwargs["isvc_index"]
-    deployment_index: Index = kwargs["deployment_index"]
-    pod_index: Index = kwargs["pod_index"]
-    logger: Logger = kwargs["logger"]
+@dataclass(frozen=True)
+class Asked:
+    """What the events of one InferenceService's children and pods asked for since its last follow-up."""
+
+    repair: bool  # a child drifted: apply the children again
+    refresh: bool  # the workload or a pod changed: recompute the status
+    indexes: Indexes
+
+    def merged(self, newer: Asked) -> Asked:
+        return Asked(self.repair or newer.repair, self.refresh or newer.refresh, newer.indexes)
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """kopf's indexes, as handed to every handler (the same live views for the operator's life)."""
+
+    isvc: Index
+    deployment: Index
+    pod: Index
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
+        return cls(kwargs["isvc_index"], kwargs["deployment_index"], kwargs["pod_index"])
+
+
+def follow_up(key: Key, asked: Asked) -> None:
+    """Repair and refresh one InferenceService as its children are now (in a FOLLOW_UPS thread)."""
+    isvc_body = _first(asked.indexes.isvc, key)
+    if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
+        return  # the owner is gone or going: the garbage collector removes the children
+    try:
+        if asked.repair:
+            apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False,
+                           credentials=CREDENTIALS.get(key, NO_CREDENTIALS))
+        if asked.refresh:
+            refresh_status(key, isvc_body, lambda: _workload(key, isvc_body, asked.indexes.deployment),
+                           asked.indexes.pod.get(key, []))
+    except (ApiException, HTTPError, ValidationError) as error:
+        metrics.REGISTRY.error("FollowUp")
+        log.warning("cannot repair or refresh %s/%s: %s", *key, error)
+
+
+FOLLOW_UPS: FollowUps[Key, Asked] = FollowUps(follow_up, Asked.merged)
+FOLLOW_UP_THREADS = 4
+
+
+@kopf.on.startup()
+def start_follow_ups(**_: Any) -> None:
+    FOLLOW_UPS.start(FOLLOW_UP_THREADS)
+
+
+@kopf.on.cleanup()
+def stop_follow_ups(**_: Any) -> None:
+    FOLLOW_UPS.stop()
+
+
+def on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespace: str | None,
+                   kwargs: Mapping[str, Any]) -> None:
+    """An event of a child: repair it if someone else changed it; a Deployment's or RayService's also
+    refreshes the status. Decided here, done by FOLLOW_UPS."""
+    indexes = Indexes.of(kwargs)
     owner = _owner(body)
     if owner is None:
         return
     key = (namespace or "", owner)
-    isvc_body = _first(isvc_index, key)
+    isvc_body = _first(indexes.isvc, key)
     if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
-        return  # the owner is gone or going: the garbage collector removes the children
+        return
     child = kinds.child_of(kind, str(body.metadata.get("name", "")), owner)
     if child is None:
         return  # owned, but no child the operator renders (left over from an older version): nothing to repair
-    try:
-        if APPLIED_CHILDREN.needs_repair(child.role, key, event_type, body):
-            logger.warning("%s %s/%s drifted from what the operator applied; applying it again", kind, *key)
-            metrics.REGISTRY.error("Drift")
-            apply_children(get_kube(), parse(isvc_body), APPLIED_CHILDREN, get_settings(), prune=False,
-                           credentials=CREDENTIALS.get(key, NO_CREDENTIALS))
-        if kind == kinds.DEPLOYMENT.kind:
-            refresh_status(key, isvc_body, lambda: None if event_type == "DELETED" else _first(deployment_index, key),
-                           pod_index.get(key, []))
-        elif kind == kinds.RAY_SERVICE.kind:
-            if event_type == "DELETED":
-                RAY_SERVICES.forget(key)
-            else:
-                RAY_SERVICES.remember(key, body)
-            refresh_status(key, isvc_body, lambda: RAY_SERVICES.get(key), pod_index.get(key, []))
-    except (ApiException, HTTPError, ValidationError) as error:
-        metrics.REGISTRY.error("ChildEvent")
-        logger.warning("cannot handle the %s event of %s/%s: %s", kind, *key, error)
+    repair = APPLIED_CHILDREN.needs_repair(child.role, key, event_type, body)
+    if repair:
+        kwargs["logger"].warning("%s %s/%s drifted from what the operator applied; applying it again", kind, *key)
+        metrics.REGISTRY.error("Drift")
+    if kind == kinds.RAY_SERVICE.kind:
+        if event_type == "DELETED":
+            RAY_SERVICES.forget(key)
+        else:
+            RAY_SERVICES.remember(key, body)
+    refresh = kind in (kinds.DEPLOYMENT.kind, kinds.RAY_SERVICE.kind)
+    if repair or refresh:
+        FOLLOW_UPS.request(key, Asked(repair, refresh, indexes))
 
 
 def _watch_child(child: kinds.Kind) -> None:
     """One event handler per child kind (kinds.CHILD_KINDS), all doing the same."""
 
-    def on_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
-        _on_child_event(child.kind, type, body, namespace, kwargs)
+    async def on_event(type: str | None, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+        on_child_event(child.kind, type, body, namespace, kwargs)
 
     kopf.on.event(*child.resource, labels=OWNED, id=f"{child.kind.lower()}_event")(on_event)
 
@@ -398,20 +455,12 @@ async def follow_ray_service(namespace: str | None, name: str, stopped: kopf.Dae
 
 
 @kopf.on.event(*PODS, labels=OWNED)
-def pod_event(namespace: str | None, labels: Mapping[str, str], logger: Logger, **kwargs: Any) -> None:
+async def pod_event(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
     """A pod was scheduled, failed to pull, crashed or became ready: recompute the owner's status."""
-    isvc_index: Index = kwargs["isvc_index"]
-    deployment_index: Index = kwargs["deployment_index"]
-    pod_index: Index = kwargs["pod_index"]
     key = (namespace or "", labels.get(INSTANCE, ""))
-    isvc_body = _first(isvc_index, key)
-    if isvc_body is None:
-        return
-    try:
-        refresh_status(key, isvc_body, lambda: _workload(key, isvc_body, deployment_index), pod_index.get(key, []))
-    except (ApiException, HTTPError) as error:
-        metrics.REGISTRY.error("PodEvent")
-        logger.warning("cannot update the status of %s/%s: %s", *key, error)
+    indexes = Indexes.of(kwargs)
+    if _first(indexes.isvc, key) is not None:
+        FOLLOW_UPS.request(key, Asked(repair=False, refresh=True, indexes=indexes))
 
 
 @kopf.on.event(*ISVC)
