@@ -289,6 +289,18 @@ def main() -> int:
     return 0
 
 
+def target_met(value: float, target: str) -> bool | None:
+    """Whether ``value`` meets a target written as "<op> <number>" (">= 0.92", "<= 2"); None when informative."""
+    op, _, number = target.partition(" ")
+    compare = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}.get(op)
+    if compare is None:
+        return None
+    try:
+        return bool(compare(float(value), float(number)))
+    except ValueError:
+        return None
+
+
 def summarize(cells: dict, bare_results: dict, connections: list[int]) -> dict:
     """The ratios the issues set targets for; a ratio whose systems did not run is left out."""
     top, one = str(max(connections)), str(min(connections))
@@ -302,11 +314,12 @@ def summarize(cells: dict, bare_results: dict, connections: list[int]) -> dict:
 
     def ratio(name: str, value: float | None, target: str) -> None:
         if value is not None:
-            ratios[name] = {"value": value, "target": target}
+            ratios[name] = {"value": value, "target": target, "met": target_met(value, target)}
 
+    # Targets: ../shared/notes/performance.md, the raised ones where it raised them.
     heavy = best("forkless-heavy", "heavy-json", top)
     ratio("heavy_forkless_over_bare_samples_at_max_conn",
-          heavy / bare_results["heavy"]["best_samples_per_s"] if heavy else None, ">= 0.9")
+          heavy / bare_results["heavy"]["best_samples_per_s"] if heavy else None, ">= 0.92")
     ratio("heavy_forkless_over_two_1thread_bare_processes_at_max_conn",
           heavy / bare_results["heavy"]["two_1thread_processes_samples_per_s"] if heavy else None,
           "informative: the limit of the 2-worker x 1-thread layout")
@@ -314,22 +327,31 @@ def summarize(cells: dict, bare_results: dict, connections: list[int]) -> dict:
     inline = cells.get("forkless-heavy-2w-noshm", {}).get("heavy-json", {}).get(top)
     ratio("heavy_2w_shared_memory_over_inline", shm["rps"] / inline["rps"] if shm and inline else None,
           "informative: what the shared-memory ring buys")
-    for suffix, target in (("best", ">= 1.05"), ("documented", ">= 1.6")):
+    # Fairness: with batching on, the heavy model's tail at most twice its median, at no cost in throughput.
+    batched = cells.get("forkless-heavy-2w-batch", {}).get("heavy-json", {}).get(top)
+    ratio("heavy_batching_p99_over_p50_at_max_conn", batched["p99_ms"] / batched["p50_ms"] if batched else None, "<= 2")
+    ratio("heavy_batching_over_no_batching_rps_at_max_conn",
+          batched["rps"] / shm["rps"] if batched and shm else None, ">= 1.0")
+    for suffix, target in (("best", ">= 1.3"), ("documented", ">= 1.6")):
         other = best(f"kserve-heavy-{suffix}", "heavy-json", top)
         ratio(f"heavy_forkless_over_kserve_{suffix}_at_max_conn", heavy / other if heavy and other else None, target)
     light_kserve = best("kserve-best", "light-json", top)
+    bare_forward = bare_results["light"]["batch1_latency_ms_1thread"]
     light_p50 = best("forkless-", "light-json", one, "p50_ms", min)
-    ratio("light_p50_at_1_conn_minus_bare_forward_ms",
-          light_p50 - bare_results["light"]["batch1_latency_ms_1thread"] if light_p50 else None, "< 0.4")
+    kserve_p50 = best("kserve-best", "light-json", one, "p50_ms", min)
+    ratio("light_p50_at_1_conn_minus_bare_forward_ms", light_p50 - bare_forward if light_p50 else None,
+          "informative: an absolute figure does not carry from one CPU to another")
+    ratio("light_kserve_best_p50_at_1_conn_minus_bare_forward_ms",
+          kserve_p50 - bare_forward if kserve_p50 else None, "informative")
+    ratio("light_p50_overhead_over_kserve_best_overhead_at_1_conn",
+          (light_p50 - bare_forward) / (kserve_p50 - bare_forward) if light_p50 and kserve_p50 and kserve_p50 > bare_forward
+          else None, "<= 0.5")
     light = best("forkless-", "light-json", top)
     ceiling = best("ceiling", "light-json", top)
     ratio("light_forkless_over_frontend_ceiling_at_max_conn", light / ceiling if light and ceiling else None,
-          "informative")
+          ">= 0.5")
     ratio("light_forkless_over_kserve_best_rps_at_max_conn", light / light_kserve if light and light_kserve else None,
-          ">= 2.0")
-    kserve_p50 = best("kserve-best", "light-json", one, "p50_ms", min)
-    ratio("light_kserve_best_p50_at_1_conn_minus_bare_forward_ms",
-          kserve_p50 - bare_results["light"]["batch1_latency_ms_1thread"] if kserve_p50 else None, "informative")
+          ">= 3.0")
     return {"cells": cells, "bare": bare_results, "ratios": ratios}
 
 
@@ -344,11 +366,12 @@ def markdown(report: dict, connections: list[int]) -> str:
         f"{report['settings']['rounds']} round(s), wrk -t1, batch-1 V2 bodies.",
         "",
         "## Ratios",
-        "| ratio | value | target |",
-        "|---|---|---|",
+        "| ratio | value | target | verdict |",
+        "|---|---|---|---|",
     ]
+    verdicts = {True: "met", False: "MISSED", None: ""}
     for name, ratio in report["ratios"].items():
-        lines.append(f"| {name} | {ratio['value']:.3f} | {ratio['target']} |")
+        lines.append(f"| {name} | {ratio['value']:.3f} | {ratio['target']} | {verdicts[ratio.get('met')]} |")
     b = report["bare"]
     lines += [
         "",
