@@ -92,6 +92,14 @@ def wrk(url: str, body: dict[str, str], connections: int, seconds: float) -> dic
             "errors": raw["non2xx"] + raw["socket_errors"] + raw["timeouts"]}
 
 
+def settle(connections: int, rps: float) -> None:
+    """Wait for the requests a stopped wrk left in flight to be served (twice the time ``connections``
+    requests take at ``rps``, at most 10 s): else the measured run's first requests queue behind them
+    and the tail it reports is the warm-up's. forkless drops a queued request whose client hung up, other
+    servers serve it; waiting measures every system in its steady state."""
+    time.sleep(min(10.0, 2 * connections / max(rps, 1.0)))
+
+
 class Service:
     """A server process under test: started, waited for, and stopped for each round."""
 
@@ -263,7 +271,8 @@ def main() -> int:
                     body = bodies.get(payload) or bodies["light-json"]
                     url = service.url("/trivial" if payload == "trivial" else service.infer_path)
                     for conns in connections:
-                        wrk(url, body, conns, args.warmup)
+                        warm = wrk(url, body, conns, args.warmup)
+                        settle(conns, warm["rps"])
                         result = wrk(url, body, conns, args.duration)
                         done += 1
                         best = cells.setdefault(service.name, {}).setdefault(payload, {}).get(str(conns))

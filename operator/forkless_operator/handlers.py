@@ -19,10 +19,11 @@ changes nothing changes neither.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -331,9 +332,12 @@ class Asked:
     repair: bool  # a child drifted: apply the children again
     refresh: bool  # the workload or a pod changed: recompute the status
     indexes: Indexes
+    # The handler's context: kopf.warn posts events through kopf's context variables, which a thread
+    # of our own lacks (events would be dropped without a word).
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
     def merged(self, newer: Asked) -> Asked:
-        return Asked(self.repair or newer.repair, self.refresh or newer.refresh, newer.indexes)
+        return Asked(self.repair or newer.repair, self.refresh or newer.refresh, newer.indexes, newer.context)
 
 
 @dataclass(frozen=True)
@@ -350,7 +354,12 @@ class Indexes:
 
 
 def follow_up(key: Key, asked: Asked) -> None:
-    """Repair and refresh one InferenceService as its children are now (in a FOLLOW_UPS thread)."""
+    """Repair and refresh one InferenceService as its children are now (in a FOLLOW_UPS thread), in the
+    context of the handler that asked."""
+    asked.context.run(_follow_up, key, asked)
+
+
+def _follow_up(key: Key, asked: Asked) -> None:
     isvc_body = _first(asked.indexes.isvc, key)
     if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
         return  # the owner is gone or going: the garbage collector removes the children

@@ -32,6 +32,13 @@ class RequestTimeout(ServingError):
     status = 504
 
 
+class ClientGone(ServingError):
+    """The client hung up while its request waited in the queue: dropped before any worker ran it.
+    499 is nginx's "client closed request"; nobody reads the answer, the metrics count it."""
+
+    status = 499
+
+
 class ModelError(ServingError):
     status = 500
 

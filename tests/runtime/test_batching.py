@@ -7,19 +7,24 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from forkless_runtime.batching.batcher import Batcher, Request
-from forkless_runtime.errors import QueueFull
+from forkless_runtime.errors import ClientGone, QueueFull
 from forkless_runtime.pool import dispatch
 from forkless_runtime.protocol.tensors import NamedTensor
 
 
 class Done:
-    """Stands in for the request's asyncio future: the batcher only asks whether it is done."""
+    """Stands in for the request's asyncio future: the batcher asks whether it is done, and answers a
+    request whose client hung up."""
 
     def __init__(self, done: bool = False) -> None:
         self._done = done
+        self.error: Exception | None = None
 
     def done(self) -> bool:
         return self._done
+
+    def set_exception(self, error: Exception) -> None:
+        self._done, self.error = True, error
 
 
 def request(rows: int = 1, at: float = 0.0, width: int = 4, done: bool = False, batchable: bool = True) -> Request:
@@ -72,6 +77,20 @@ def test_requests_already_answered_are_dropped_not_sent() -> None:
     batcher.submit(expired)
     batcher.submit(live)
     assert batcher.next_batch(now=0.0, workers_busy=False) == [live]
+
+
+def test_requests_whose_client_hung_up_are_answered_499_and_never_sent() -> None:
+    batcher = Batcher(max_batch_size=8, max_delay_s=0, max_queue=10)
+    gone_first, live, gone_between, unknown = request(), request(), request(), request()
+    gone_first.client_gone = gone_between.client_gone = lambda: True
+    live.client_gone = lambda: False  # unknown: a transport that cannot tell (gRPC cancels its call instead)
+    for queued in (gone_first, live, gone_between, unknown):
+        batcher.submit(queued)
+    assert batcher.next_batch(now=0.0, workers_busy=False) == [live, unknown]
+    for dropped in (gone_first, gone_between):
+        error = dropped.future.error  # type: ignore[attr-defined]
+        assert isinstance(error, ClientGone) and error.status == 499
+    assert live.future.error is None  # type: ignore[attr-defined]
 
 
 def test_the_queue_is_bounded_and_requeued_requests_keep_their_place() -> None:

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,6 +165,28 @@ def test_a_full_queue_answers_503_with_retry_after_and_timeouts_answer_504(serve
     # deadline passed (its caller was told 504; a running handler is not interrupted), a new request succeeds.
     wait_until(lambda: server.client.post("/v2/models/slow/infer", json=body).status_code == 200, 10,
                "a request after the burst to succeed")
+
+
+def test_a_request_whose_client_hung_up_in_the_queue_is_never_run(serve):
+    # One worker, busy for 1 s with the first request; the second's client sends it and hangs up while it
+    # waits. The queue drops it (499 in the metrics) instead of spending the worker's next second on it.
+    server = serve("--model-name", "slow", "--format", "python", "--handler", "handlers:Doubler", "--workers", "1",
+                   "--max-batch-size", "1", "--request-timeout-s", "30", env={"TEST_HANDLER_DELAY_S": "1.0"})
+    body = json.dumps(v2_body(np.ones((1, 1), dtype=np.float32))).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(server.client.post, "/v2/models/slow/infer", content=body)
+        wait_until(lambda: server.metric("forkless_requests_in_flight") == 1, 10, "the first request running")
+        with socket.create_connection((host, int(port))) as abandoned:
+            abandoned.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: server.metric("forkless_queue_depth") == 1, 10, "the second request queued")
+        assert first.result().status_code == 200
+    third = server.client.post("/v2/models/slow/infer", content=body)
+    assert third.status_code == 200
+    metrics = server.client.get("/metrics").text
+    assert 'code="499"} 1' in metrics, metrics
+    assert server.metric("forkless_batch_size_count") == 2  # the first and the third: the second never ran
 
 
 def test_kill_9_of_a_worker_under_load_leaves_no_request_hanging(serve, models):

@@ -15,29 +15,33 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ..errors import QueueFull
+from ..errors import ClientGone, QueueFull
 from ..protocol.tensors import NamedTensor
 
 
 class Request:
     """One inference request on its way through the batcher to a worker and back."""
 
-    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "parameters", "retried", "size", "timer")
+    __slots__ = ("client_gone", "deadline", "enqueued", "future", "inputs", "key", "parameters", "retried", "size",
+                 "timer")
 
     def __init__(self, inputs: list[NamedTensor], future: asyncio.Future, batchable: bool,
                  enqueued: float | None = None, parameters: dict[str, Any] | None = None,
-                 parameters_key: bytes = b"") -> None:
+                 parameters_key: bytes = b"", client_gone: Callable[[], bool] | None = None) -> None:
         """``parameters``: what the handler gets with the batch; only requests whose ``parameters_key``
-        (the parameters, serialized) are equal ride together."""
+        (the parameters, serialized) are equal ride together. ``client_gone``: whether the client has
+        hung up, where the transport can tell."""
         self.inputs = inputs
         self.parameters = parameters
         self.future = future
         self.enqueued = time.perf_counter() if enqueued is None else enqueued
         self.retried = False
+        self.client_gone = client_gone
         self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None  # wall-clock time.time(), comparable in the worker process
         first = inputs[0].array
@@ -76,7 +80,7 @@ class Batcher:
         worth of requests is on its way); with every worker idle a request never waits.
         """
         queue = self.queue
-        while queue and queue[0].future.done():  # timed out or cancelled while waiting
+        while queue and dropped(queue[0]):
             queue.popleft()
         if not queue:
             return None
@@ -104,7 +108,7 @@ class Batcher:
         total = head.size
         while queue and total < self.max_batch_size:
             nxt = queue[0]
-            if nxt.future.done():
+            if dropped(nxt):
                 queue.popleft()
                 continue
             if (nxt.key is not head.key and nxt.key != head.key) or total + nxt.size > self.max_batch_size:
@@ -118,6 +122,19 @@ class Batcher:
             request = self.queue.popleft()
             if not request.future.done():
                 request.future.set_exception(error)
+
+
+def dropped(request: Request) -> bool:
+    """Whether a queued request no longer needs a worker: answered already (timed out, cancelled: a gRPC
+    client that cancels cancels its call), or its HTTP client hung up. The latter is answered ClientGone
+    here so that it is counted; a client that gave up (a timeout, a load generator stopping) then costs
+    no worker time, and the requests queued behind it are not delayed by work nobody will read."""
+    if request.future.done():
+        return True
+    if request.client_gone is not None and request.client_gone():
+        request.future.set_exception(ClientGone("the client closed the connection before a worker took its request"))
+        return True
+    return False
 
 
 def concatenate(requests: list[Request]) -> list[tuple[str, list[np.ndarray]]]:

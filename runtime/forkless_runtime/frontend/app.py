@@ -23,7 +23,7 @@ from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import Settings
 from . import openapi
 from .metrics import merge_expositions
-from .models import ServedModel
+from .models import CLIENT_GONE, ServedModel
 
 log = logging.getLogger("forkless.frontend")
 
@@ -232,6 +232,7 @@ class App:
         started = time.perf_counter()
         status, headers = 200, _JSON_HEADERS
         model = self.models.get(name)
+        client_gone = CLIENT_GONE.set(client_gone_probe(receive))
         try:
             if model is None:
                 raise UnknownModel(name, self.names)
@@ -242,6 +243,8 @@ class App:
             status, payload = 400, error_body(str(exc))
         except BodyTooLarge:
             status, payload = 413, error_body(f"request body larger than {self.settings.max_body_mb:g} MB")
+        finally:
+            CLIENT_GONE.reset(client_gone)
         if model is not None:
             model.metrics.requests[(protocol, status)] += 1
             model.metrics.request_seconds.observe(time.perf_counter() - started)
@@ -346,6 +349,19 @@ def _error_headers(exc: ServingError) -> list[tuple[bytes, bytes]]:
     if exc.retry_after is None:
         return _JSON_HEADERS
     return [(b"content-type", JSON), (b"retry-after", str(exc.retry_after).encode())]
+
+
+def client_gone_probe(receive: Receive) -> Callable[[], bool] | None:
+    """Whether this request's client has hung up, read from uvicorn's request cycle (``receive`` is its
+    bound method; uvicorn sets ``disconnected`` when the connection is lost before the response).
+
+    ASGI's own way to learn it is a task per request awaiting receive(): a cost on every request of the
+    hot path, where this costs an attribute read when the queue asks. None under another server.
+    """
+    cycle: Any = getattr(receive, "__self__", None)
+    if not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: bool(cycle.disconnected)
 
 
 async def respond(send: Send, status: int, body: bytes, content_type: bytes = JSON,

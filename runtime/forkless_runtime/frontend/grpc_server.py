@@ -37,6 +37,7 @@ CODES = {
     500: grpc.StatusCode.INTERNAL,
     501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
+    499: grpc.StatusCode.CANCELLED,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 

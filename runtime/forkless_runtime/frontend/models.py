@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -24,6 +25,11 @@ from ..protocol import kserve_passthrough, signature
 from ..protocol.tensors import NamedTensor, ProtocolError
 from ..settings import HANDLER_PATTERN, Settings, resolve_model_directory
 from .metrics import Metrics
+
+# Whether the client of the request this task serves has hung up, where the transport can tell: set by
+# the HTTP front-end around each request (a context variable rather than a parameter of every codec
+# and handler in between). The queue drops such a request when it reaches the head (batcher.dropped).
+CLIENT_GONE: ContextVar[Callable[[], bool] | None] = ContextVar("client_gone", default=None)
 
 
 class ModelSetError(ValueError):
@@ -172,7 +178,7 @@ class ServedModel:
         future = loop.create_future()
         key = orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS) if parameters else b""
         request = Request(inputs, future, meta.get("batchable", False) and self.settings.max_batch_size > 1,
-                          parameters=parameters, parameters_key=key)
+                          parameters=parameters, parameters_key=key, client_gone=CLIENT_GONE.get())
         timeout = self.settings.request_timeout_s
         if timeout > 0:
             request.deadline = time.time() + timeout
