@@ -326,6 +326,19 @@ def refresh_status(
 
 
 @dataclass(frozen=True)
+class Indexes:
+    """kopf's indexes, as handed to every handler (the same live views for the operator's life)."""
+
+    isvc: Index
+    deployment: Index
+    pod: Index
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
+        return cls(kwargs["isvc_index"], kwargs["deployment_index"], kwargs["pod_index"])
+
+
+@dataclass(frozen=True)
 class Asked:
     """What the events of one InferenceService's children and pods asked for since its last follow-up."""
 
@@ -338,19 +351,6 @@ class Asked:
 
     def merged(self, newer: Asked) -> Asked:
         return Asked(self.repair or newer.repair, self.refresh or newer.refresh, newer.indexes, newer.context)
-
-
-@dataclass(frozen=True)
-class Indexes:
-    """kopf's indexes, as handed to every handler (the same live views for the operator's life)."""
-
-    isvc: Index
-    deployment: Index
-    pod: Index
-
-    @classmethod
-    def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
-        return cls(kwargs["isvc_index"], kwargs["deployment_index"], kwargs["pod_index"])
 
 
 def follow_up(key: Key, asked: Asked) -> None:
@@ -400,7 +400,7 @@ def on_child_event(kind: str, event_type: str | None, body: kopf.Body, namespace
     key = (namespace or "", owner)
     isvc_body = _first(indexes.isvc, key)
     if isvc_body is None or isvc_body["metadata"].get("deletionTimestamp"):
-        return
+        return  # the owner is gone or going: the garbage collector removes the children
     child = kinds.child_of(kind, str(body.metadata.get("name", "")), owner)
     if child is None:
         return  # owned, but no child the operator renders (left over from an older version): nothing to repair
