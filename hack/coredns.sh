@@ -102,8 +102,7 @@ up() {
 	rm -f "$state/coredns/pids"
 	corefile "$ip" "$health_port" "$ready_port" >"$state/coredns/Corefile"
 	printf 'ip=%s\nhealth_port=%s\nready_port=%s\n' "$ip" "$health_port" "$ready_port" >"$state/coredns/ports"
-	setsid "$coredns" -conf "$state/coredns/Corefile" >"$state/coredns/coredns.log" 2>&1 </dev/null &
-	echo "coredns $!" >"$state/coredns/pids"
+	launch coredns "$state/coredns/coredns.log" "$coredns" -conf "$state/coredns/Corefile"
 	# /ready answers 200 once the kubernetes plugin has listed the Services and EndpointSlices.
 	wait_for "CoreDNS serving cluster.local on $ip:53 (ready, in sync with the API server)" 60 "$state/coredns/coredns.log" \
 		curl -sf "http://127.0.0.1:$ready_port/ready" || { down; return 1; }

@@ -83,11 +83,9 @@ up() {
 	port=$(free_port)
 	echo "health_port=$port" >"$state/kuberay/ports"
 	# No metrics server (-metrics-addr=0): nothing scrapes it here, and its default :8080 is taken.
-	setsid "$operator" -kubeconfig="$state/kubeconfig" \
+	launch kuberay-operator "$state/kuberay/kuberay-operator.log" "$operator" -kubeconfig="$state/kubeconfig" \
 		-use-kubernetes-proxy -enable-leader-election=false -metrics-addr=0 \
-		-health-probe-bind-address="127.0.0.1:$port" -log-stdout-encoder=console \
-		>"$state/kuberay/kuberay-operator.log" 2>&1 </dev/null &
-	echo "kuberay-operator $!" >"$state/kuberay/pids"
+		-health-probe-bind-address="127.0.0.1:$port" -log-stdout-encoder=console
 	wait_for "kuberay-operator ready" 120 "$state/kuberay/kuberay-operator.log" curl -sf "http://127.0.0.1:$port/readyz" || { down; return 1; }
 	say "KubeRay $kuberay_version runs for $state (log in $state/kuberay/)"
 }

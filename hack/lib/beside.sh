@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # What the scripts that run a process beside the local cluster share (hack/coredns.sh, hack/kuberay.sh):
-# the state directory, pid files whose entries count only while they are still ours, free ports, and a
-# wait that shows the process's log when it gives up. Source it after defining say(); set `state`, and
-# `component` (the subdirectory of the state directory that holds pids and the log).
+# the state directory, pid files whose entries count only while they are still ours, free ports, a
+# launch that records a process once it runs, and a wait that shows the process's log when it gives up.
+# Source it after defining say(); set `state`, and `component` (the subdirectory of the state directory
+# that holds pids and the log).
 
 state_dir() {
 	local dir=${1:-$root/.cluster}
@@ -28,6 +29,25 @@ free_port() {
 	used=" $(ss -Htan | awk '{ n = split($4, a, ":"); printf "%s ", a[n] }') $* "
 	while port=$((20000 + RANDOM % 12000)); [[ $used == *" $port "* ]]; do :; done
 	echo "$port"
+}
+
+# launch NAME LOG COMMAND...: start COMMAND in a session of its own, its output in LOG, record it in
+# <state>/<component>/pids, and return once the forked shell has become COMMAND (or has exited). Until
+# that exec the child's command line is this script's, which need not name the state directory, so
+# `running` would take the starting process for one that had already exited (CI saw CoreDNS "exit",
+# with an empty log, 0.3 s after it was started).
+launch() {
+	local name=$1 log=$2
+	shift 2
+	mkdir -p "$state/$component"
+	setsid "$@" >"$log" 2>&1 </dev/null &
+	local pid=$!
+	echo "$name $pid" >>"$state/$component/pids"
+	for _ in $(seq 100); do
+		ours "$pid" && return 0
+		[[ -s /proc/$pid/cmdline ]] || return 0 # exited: wait_for reports it with the log
+		sleep 0.05
+	done
 }
 
 # wait_for WHAT SECONDS LOG COMMAND...: until COMMAND succeeds; on the deadline, or once a recorded
