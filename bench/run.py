@@ -231,6 +231,9 @@ def main() -> int:
         forkless("forkless-2w", "mlp.pt", 2, False, ["light-json"]),
         forkless("forkless-2w-batch", "mlp.pt", 2, True, ["light-json", "light-binary"]),
         forkless("forkless-heavy-1w", "cnn.pt", 1, False, ["heavy-json"], threads_per_worker="2"),
+        # One worker with both cores, batching: the layout of the bare best cell (2 threads, batch 8) where
+        # a CPU runs a 2-thread batch faster than two 1-thread processes.
+        forkless("forkless-heavy-1w-batch", "cnn.pt", 1, True, ["heavy-json"], threads_per_worker="2"),
         forkless("forkless-heavy-2w", "cnn.pt", 2, False, ["heavy-json"]),
         forkless("forkless-heavy-2w-batch", "cnn.pt", 2, True, ["heavy-json"]),
         forkless("forkless-heavy-2w-noshm", "cnn.pt", 2, False, ["heavy-json"], shm_threshold_kb="0"),
