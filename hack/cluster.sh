@@ -35,6 +35,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=hack/real-node.sh
 source "$root/hack/real-node.sh"
+# shellcheck source=hack/lib/await-exec.sh
+source "$root/hack/lib/await-exec.sh"
 state=${FORKLESS_CLUSTER_DIR:-$root/.cluster}
 [[ $state == /* ]] || state=$PWD/$state
 bin=$root/.tools/bin
@@ -80,15 +82,8 @@ launch() {
 	shift
 	# setsid: the cluster outlives the shell that ran `up` (and its Ctrl-C).
 	setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
-	local pid=$!
-	echo "$name $pid" >>"$pids_file"
-	# Until the forked shell has exec'ed, its command line is this script's, which need not name the
-	# state directory: wait_until would take a starting kubelet for one that had exited (seen in CI).
-	for _ in $(seq 100); do
-		ours "$pid" && return 0
-		[[ -s /proc/$pid/cmdline ]] || return 0 # exited: wait_until reports it with the log
-		sleep 0.05
-	done
+	echo "$name $!" >>"$pids_file"
+	await_exec "$!"
 }
 
 pid_of() { records | awk -v n="$1" '$1 == n { print $2 }'; }

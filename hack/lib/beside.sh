@@ -31,23 +31,18 @@ free_port() {
 	echo "$port"
 }
 
+# shellcheck source=hack/lib/await-exec.sh
+source "$root/hack/lib/await-exec.sh"
+
 # launch NAME LOG COMMAND...: start COMMAND in a session of its own, its output in LOG, record it in
-# <state>/<component>/pids, and return once the forked shell has become COMMAND (or has exited). Until
-# that exec the child's command line is this script's, which need not name the state directory, so
-# `running` would take the starting process for one that had already exited (CI saw CoreDNS "exit",
-# with an empty log, 0.3 s after it was started).
+# <state>/<component>/pids, and return once it runs (await_exec).
 launch() {
 	local name=$1 log=$2
 	shift 2
 	mkdir -p "$state/$component"
 	setsid "$@" >"$log" 2>&1 </dev/null &
-	local pid=$!
-	echo "$name $pid" >>"$state/$component/pids"
-	for _ in $(seq 100); do
-		ours "$pid" && return 0
-		[[ -s /proc/$pid/cmdline ]] || return 0 # exited: wait_for reports it with the log
-		sleep 0.05
-	done
+	echo "$name $!" >>"$state/$component/pids"
+	await_exec "$!"
 }
 
 # wait_for WHAT SECONDS LOG COMMAND...: until COMMAND succeeds; on the deadline, or once a recorded
