@@ -32,6 +32,9 @@ operator_grpc_port=9666
 
 say() { printf '[keda %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+component=keda
+# shellcheck source=lib/beside.sh
+source "$root/hack/lib/beside.sh"
 
 module_dir() { go mod download -json "$module@$keda_version" | jq -r .Dir; }
 
@@ -66,17 +69,9 @@ build() {
 	fi
 }
 
-state_dir() {
-	local dir=${1:-$root/.cluster}
-	[[ $dir == /* ]] || dir=$PWD/$dir
-	echo "$dir"
-}
-
 kubectl() { "$root/.tools/bin/kubectl" --kubeconfig "$state/kubeconfig" "$@"; }
 
 host_ip() { ip -4 -o route get 1.1.1.1 2>/dev/null | awk '{ for (i = 1; i < NF; i++) if ($i == "src") { print $(i + 1); exit } }'; }
-
-running() { [[ -f $state/keda/pids ]] && while read -r _ pid; do kill -0 "$pid" 2>/dev/null || return 1; done <"$state/keda/pids"; }
 
 certificates() {
 	local dir=$state/keda/certs ip=$1
@@ -90,28 +85,6 @@ certificates() {
 		"$ip" "$namespace" "$namespace" "$namespace" >"$dir/ext.cnf"
 	openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 3650 \
 		-extfile "$dir/ext.cnf" -out "$dir/tls.crt" 2>/dev/null
-}
-
-launch() {
-	local name=$1
-	shift
-	setsid "$@" >"$state/keda/$name.log" 2>&1 </dev/null &
-	echo "$name $!" >>"$state/keda/pids"
-}
-
-wait_for() {
-	local what=$1 seconds=$2
-	shift 2
-	local deadline=$((SECONDS + seconds))
-	until "$@" >/dev/null 2>&1; do
-		if ((SECONDS >= deadline)); then
-			say "FAILED: no $what after ${seconds}s; last lines of the logs:"
-			tail -n 20 "$state"/keda/*.log >&2 || true
-			return 1
-		fi
-		sleep 0.5
-	done
-	say "$what"
 }
 
 # aggregate NAME NAMESPACE PORT GROUP IP: serve GROUP/v1beta1 from a process on this host (IP:PORT)
@@ -159,34 +132,34 @@ up() {
 	rm -f "$state/keda/pids"
 	kubectl apply --server-side --force-conflicts --field-manager=forkless-keda -f "$dir/config/crd/bases" >/dev/null
 	# `wait` fails at once while the new CRD has no status yet: retried until it has one.
-	wait_for "KEDA's CRDs established" 60 kubectl wait --for=condition=Established --timeout=2s crd/scaledobjects.keda.sh
+	wait_for "KEDA's CRDs established" 60 "$state/keda/keda-operator.log" kubectl wait --for=condition=Established --timeout=2s crd/scaledobjects.keda.sh
 	kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 	certificates "$ip"
 	local env=(env KUBECONFIG="$state/kubeconfig" WATCH_NAMESPACE="" POD_NAMESPACE="$namespace"
 		KEDA_CLUSTER_OBJECT_NAMESPACE="$namespace" OPERATOR_NAME=keda-operator KEDA_HTTP_DEFAULT_TIMEOUT=3000)
-	launch keda-operator "${env[@]}" "$cache/keda-operator" --leader-elect=false --enable-cert-rotation=false \
+	launch keda-operator "$state/keda/keda-operator.log" "${env[@]}" "$cache/keda-operator" --leader-elect=false --enable-cert-rotation=false \
 		--cert-dir="$state/keda/certs" --metrics-bind-address=127.0.0.1:18080 --health-probe-bind-address=127.0.0.1:18081 \
 		--metrics-service-bind-address=127.0.0.1:$operator_grpc_port --zap-log-level=info
-	wait_for "keda-operator healthy" 120 curl -sf http://127.0.0.1:18081/healthz || { down; return 1; }
-	launch keda-adapter "${env[@]}" "$cache/keda-adapter" --secure-port=$adapter_port \
+	wait_for "keda-operator healthy" 120 "$state/keda/keda-operator.log" curl -sf http://127.0.0.1:18081/healthz || { down; return 1; }
+	launch keda-adapter "$state/keda/keda-adapter.log" "${env[@]}" "$cache/keda-adapter" --secure-port=$adapter_port \
 		--tls-cert-file="$state/keda/certs/tls.crt" --tls-private-key-file="$state/keda/certs/tls.key" \
 		--cert-dir="$state/keda/certs" --lister-kubeconfig="$state/kubeconfig" \
 		--authentication-kubeconfig="$state/kubeconfig" --authorization-kubeconfig="$state/kubeconfig" \
 		--metrics-service-address=127.0.0.1:$operator_grpc_port --metrics-service-grpc-authority=localhost \
 		--port=18082 --zap-log-level=info
-	wait_for "keda-adapter serving" 120 curl -skf "https://127.0.0.1:$adapter_port/readyz" || { down; return 1; }
+	wait_for "keda-adapter serving" 120 "$state/keda/keda-adapter.log" curl -skf "https://127.0.0.1:$adapter_port/readyz" || { down; return 1; }
 	aggregate keda-metrics-apiserver "$namespace" $adapter_port external.metrics.k8s.io "$ip"
-	wait_for "external.metrics.k8s.io available" 120 \
+	wait_for "external.metrics.k8s.io available" 120 "$state/keda/keda-adapter.log" \
 		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.external.metrics.k8s.io || { down; return 1; }
 	# metrics-server: the kubelet's resource metrics for CPU HPAs (TLS to the kubelet unchecked: its
 	# serving certificate is self-signed on the local cluster).
-	launch metrics-server "$metrics_server" --secure-port=$metrics_server_port --cert-dir="$state/keda/metrics-server" \
+	launch metrics-server "$state/keda/metrics-server.log" "$metrics_server" --secure-port=$metrics_server_port --cert-dir="$state/keda/metrics-server" \
 		--kubeconfig="$state/kubeconfig" --authentication-kubeconfig="$state/kubeconfig" \
 		--authorization-kubeconfig="$state/kubeconfig" --kubelet-insecure-tls \
 		--kubelet-preferred-address-types=InternalIP --metric-resolution=15s
-	wait_for "metrics-server serving" 120 curl -skf "https://127.0.0.1:$metrics_server_port/livez" || { down; return 1; }
+	wait_for "metrics-server serving" 120 "$state/keda/metrics-server.log" curl -skf "https://127.0.0.1:$metrics_server_port/livez" || { down; return 1; }
 	aggregate metrics-server kube-system $metrics_server_port metrics.k8s.io "$ip"
-	wait_for "metrics.k8s.io available" 120 \
+	wait_for "metrics.k8s.io available" 120 "$state/keda/metrics-server.log" \
 		kubectl wait --for=condition=Available --timeout=2s apiservice/v1beta1.metrics.k8s.io || { down; return 1; }
 	say "KEDA $keda_version and metrics-server $metrics_server_version run for $state (logs in $state/keda/)"
 }
@@ -196,15 +169,7 @@ down() {
 		kubectl delete apiservice v1beta1.external.metrics.k8s.io v1beta1.metrics.k8s.io --ignore-not-found \
 			--wait=false >/dev/null 2>&1 || true
 	fi
-	[[ -f $state/keda/pids ]] || return 0
-	local name pid
-	while read -r name pid; do
-		kill "$pid" 2>/dev/null || true
-		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-		kill -9 "$pid" 2>/dev/null || true
-		say "stopped $name"
-	done <"$state/keda/pids"
-	rm -f "$state/keda/pids"
+	stop_recorded
 }
 
 command=${1:-status}

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# What the scripts that run a process beside the local cluster share (hack/coredns.sh, hack/kuberay.sh):
+# What the scripts that run a process beside the local cluster share (hack/coredns.sh, hack/kuberay.sh,
+# hack/keda.sh):
 # the state directory, pid files whose entries count only while they are still ours, free ports, a
 # launch that records a process once it runs, and a wait that shows the process's log when it gives up.
 # Source it after defining say(); set `state`, and `component` (the subdirectory of the state directory
