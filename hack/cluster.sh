@@ -35,8 +35,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=hack/real-node.sh
 source "$root/hack/real-node.sh"
-# shellcheck source=hack/lib/await-exec.sh
-source "$root/hack/lib/await-exec.sh"
+# shellcheck source=hack/lib/process.sh
+source "$root/hack/lib/process.sh"
 state=${FORKLESS_CLUSTER_DIR:-$root/.cluster}
 [[ $state == /* ]] || state=$PWD/$state
 bin=$root/.tools/bin
@@ -68,14 +68,6 @@ elapsed() {
 # plane, $state/node/pids for the real node's processes.
 pids_file=$state/pids
 records() { [[ -f ${1:-$pids_file} ]] && cat "${1:-$pids_file}" || true; }
-
-# A recorded pid counts as ours only while its command line still names our state directory
-# (every process we start gets paths in it): a pid reused by an unrelated process after a
-# reboot is neither reported nor killed.
-ours() {
-	local pid=$1
-	[[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/"
-}
 
 launch() {
 	local name=$1

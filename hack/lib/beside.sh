@@ -12,10 +12,6 @@ state_dir() {
 	echo "$dir"
 }
 
-# A recorded pid counts as ours only while its command line names this state directory: a pid reused by
-# another process is neither reported nor killed.
-ours() { [[ -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$state/"; }
-
 # Every process recorded in <state>/<component>/pids is alive and ours.
 running() {
 	[[ -f $state/$component/pids ]] || return 1
@@ -32,8 +28,8 @@ free_port() {
 	echo "$port"
 }
 
-# shellcheck source=hack/lib/await-exec.sh
-source "$root/hack/lib/await-exec.sh"
+# shellcheck source=hack/lib/process.sh
+source "$root/hack/lib/process.sh"
 
 # launch NAME LOG COMMAND...: start COMMAND in a session of its own, its output in LOG, record it in
 # <state>/<component>/pids, and return once it runs (await_exec).
