@@ -46,9 +46,12 @@ class Request:
         self.deadline: float | None = None  # wall-clock time.time(), comparable in the worker process
         first = inputs[0].array
         size = first.shape[0] if first.ndim else -1
-        if batchable and size >= 0 and all(t.array.ndim and t.array.shape[0] == size for t in inputs):
+        if batchable and size >= 0 and len(inputs) == 1:  # the common case, without the generators below
             self.size = size
-            self.key: object = (parameters_key, *((t.name, t.array.dtype.str, t.array.shape[1:]) for t in inputs))
+            self.key: object = (parameters_key, (inputs[0].name, first.dtype.str, first.shape[1:]))
+        elif batchable and size >= 0 and all(t.array.ndim and t.array.shape[0] == size for t in inputs):
+            self.size = size
+            self.key = (parameters_key, *((t.name, t.array.dtype.str, t.array.shape[1:]) for t in inputs))
         else:  # a request that cannot be concatenated with others rides alone
             self.size = max(size, 1)
             self.key = object()

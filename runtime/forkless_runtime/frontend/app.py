@@ -295,12 +295,13 @@ class App:
             raise Draining("the server is shutting down; retry on another replica")
         return await model.passthrough(call)
 
-    async def infer(self, model: ServedModel, inputs: list[NamedTensor],
-                    parameters: dict[str, Any] | None = None) -> list[NamedTensor]:
-        """One request to one model, from either protocol: refused while draining."""
+    def infer(self, model: ServedModel, inputs: list[NamedTensor],
+              parameters: dict[str, Any] | None = None) -> Awaitable[list[NamedTensor]]:
+        """One request to one model, from either protocol: refused while draining. A plain function
+        returning the model's coroutine: one coroutine frame fewer to resume on the hot path."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
-        return await model.infer(inputs, parameters)
+        return model.infer(inputs, parameters)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for key, value in scope["headers"]:

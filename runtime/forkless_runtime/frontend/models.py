@@ -147,7 +147,7 @@ class ServedModel:
         request's slice of the outputs; counted in the statistics either way."""
         started = time.perf_counter()
         try:
-            outputs = await self._infer(inputs, parameters)
+            outputs = await self._enqueue(inputs, parameters)
         except (ServingError, ProtocolError):
             self.metrics.stats.request_done(False, time.perf_counter() - started)
             raise
@@ -160,7 +160,7 @@ class ServedModel:
         started = time.perf_counter()
         try:
             inputs, parameters = kserve_passthrough.encode_call(call)
-            status, headers, body = kserve_passthrough.decode_reply(await self._infer(inputs, parameters))
+            status, headers, body = kserve_passthrough.decode_reply(await self._enqueue(inputs, parameters))
             if status >= 400:
                 raise AnsweredError(status, _error_text(body))
         except (ServingError, ProtocolError):
@@ -169,7 +169,9 @@ class ServedModel:
         self.metrics.stats.request_done(True, time.perf_counter() - started)
         return headers, body
 
-    async def _infer(self, inputs: list[NamedTensor], parameters: dict[str, Any] | None) -> list[NamedTensor]:
+    def _enqueue(self, inputs: list[NamedTensor], parameters: dict[str, Any] | None) -> asyncio.Future:
+        """Queue a request and return the future its outputs arrive on (a plain function, not a
+        coroutine: the caller awaits the future itself, one frame fewer per request)."""
         meta = self.pool.metadata
         if meta is None:
             raise NotReady(f"model {self.name!r} is still loading" if self.fatal_error is None else self.fatal_error)
@@ -189,7 +191,7 @@ class ServedModel:
             if request.timer is not None:
                 request.timer.cancel()
             raise
-        return await future
+        return future
 
 
 def _error_text(body: bytes) -> str:

@@ -166,7 +166,8 @@ class WorkerPool:
         self._next_batch = 0
         self._stopping = False
         self._restarts: set[asyncio.Task] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the pump that a filling batch waits for
+        self._timer_due = 0.0  # when it runs, on the loop's clock
         self.device: str = "cpu"  # set by plan()
         self.gpus: list[str] = []
         self.auto_pending = False  # --workers auto, before the first worker has reported
@@ -331,9 +332,18 @@ class WorkerPool:
             self._send(self.workers[index], batch)
 
     def _wake_in(self, delay: float) -> None:
+        """Pump again in ``delay`` s, or earlier: a timer already due by then stays (while a batch fills,
+        every request would otherwise cancel and re-arm one; an early pump just says how long is left)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
         if self._timer is not None:
+            if self._timer_due <= due:
+                return
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        # uvloop answers call_later of a delay it rounds to nothing with a plain Handle (no when()): the due
+        # time is kept here.
+        self._timer = loop.call_later(delay, self._on_timer)
+        self._timer_due = due
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -523,6 +533,7 @@ class WorkerPool:
         self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         for task in list(self._restarts):
             task.cancel()
         loop = asyncio.get_running_loop()
